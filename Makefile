@@ -1,0 +1,33 @@
+# Two commands on a fresh machine: `make test` and `make demo`. Both create .venv when missing.
+# GPU users: keep the tested torch version but take a CUDA build, e.g.
+#   make test TORCH_INDEX=https://download.pytorch.org/whl/cu128
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
+PYTEST_ARGS ?=
+DEMO_DIR ?= runs/demo
+PY := $(VENV)/bin/python
+
+.PHONY: setup test demo bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+test: setup
+	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) -m data_prep demo --out $(DEMO_DIR)
+
+bench: setup
+	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,1 @@
+"""Python pieces the bundles' configs point to: networks, the task-guided loss and trainer, handlers."""

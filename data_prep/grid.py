@@ -1,0 +1,51 @@
+"""The canonical grid: the one place that defines where preprocessed and simulated volumes live.
+
+A 192 mm cube in MNI152 2009 space, centred on the template brain's bounding box (x -72..72,
+y -107..73, z -72..82 mm), RAS+ voxel axes. The resolution sets the shape: 2 mm -> 96^3 (default),
+4 mm -> 48^3, 1 mm -> 192^3.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+FIELD_OF_VIEW_MM = 192.0
+CENTRE_MM = (0.0, -17.0, 5.0)
+DEFAULT_RESOLUTION_MM = 2.0
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A cubic RAS+ voxel grid: ``shape`` voxels of ``resolution`` mm, voxel-to-world ``affine``."""
+
+    resolution: float
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+
+    def world_coordinates(self) -> np.ndarray:
+        """World (MNI mm) coordinates of every voxel centre, shape (3, *shape)."""
+        idx = np.indices(self.shape, dtype=np.float64).reshape(3, -1)
+        return (self.affine[:3, :3] @ idx + self.affine[:3, 3:]).reshape(3, *self.shape)
+
+    def voxel_of(self, world_mm) -> np.ndarray:
+        """Continuous voxel index of world points given as (..., 3) in mm."""
+        inv = np.linalg.inv(self.affine)
+        pts = np.asarray(world_mm, dtype=np.float64)
+        return pts @ inv[:3, :3].T + inv[:3, 3]
+
+
+def canonical_grid(resolution: float = DEFAULT_RESOLUTION_MM) -> Grid:
+    """The canonical grid at ``resolution`` mm; the field of view must hold a whole number of voxels."""
+    resolution = float(resolution)
+    n = FIELD_OF_VIEW_MM / resolution
+    if resolution <= 0 or abs(n - round(n)) > 1e-6:
+        raise ValueError(
+            f"resolution {resolution} mm does not divide the {FIELD_OF_VIEW_MM:g} mm field of view "
+            "into whole voxels; use e.g. 1, 1.5, 2, 3 or 4"
+        )
+    n = int(round(n))
+    affine = np.eye(4)
+    affine[:3, :3] *= resolution
+    affine[:3, 3] = np.asarray(CENTRE_MM) - (n / 2 - 0.5) * resolution
+    return Grid(resolution=resolution, shape=(n, n, n), affine=affine)
