@@ -1,0 +1,57 @@
+"""Brain-age statistics: accuracy metrics and the age-bias correction of the brain-age gap.
+
+Brain-age models regress towards the training mean, so the gap (predicted - chronological age) trends
+with age. The usual correction fits ``gap = slope * age + intercept`` on a validation set and subtracts
+that trend from every later gap. :class:`BiasCorrection` keeps the two numbers as buffers, so they travel
+inside the checkpoint beside the network's weights (tensors only, loadable with ``weights_only=True``).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def brain_age_metrics(predicted, age) -> dict[str, float]:
+    """MAE, RMSE, Pearson r and R^2 (coefficient of determination) of predicted vs chronological age."""
+    predicted, age = np.asarray(predicted, float).ravel(), np.asarray(age, float).ravel()
+    if predicted.shape != age.shape or predicted.size == 0:
+        raise ValueError(f"need equal, non-empty predicted and age arrays, got {predicted.shape} and {age.shape}")
+    err = predicted - age
+    ss_tot = float(((age - age.mean()) ** 2).sum())
+    both_vary = predicted.std() > 0 and age.std() > 0
+    return {
+        "n": int(age.size),
+        "mae": float(np.abs(err).mean()),
+        "rmse": float(np.sqrt((err**2).mean())),
+        "pearson_r": float(np.corrcoef(predicted, age)[0, 1]) if both_vary else float("nan"),
+        "r2": 1.0 - float((err**2).sum()) / ss_tot if ss_tot > 0 else float("nan"),
+        "mean_gap": float(err.mean()),
+    }
+
+
+class BiasCorrection(nn.Module):
+    """Linear age-bias correction of the brain-age gap, fitted on validation data, stored as buffers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("slope", torch.zeros(()))
+        self.register_buffer("intercept", torch.zeros(()))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+
+    def fit(self, predicted, age) -> "BiasCorrection":
+        """Least-squares fit of gap on age; needs at least two distinct ages."""
+        predicted, age = np.asarray(predicted, float).ravel(), np.asarray(age, float).ravel()
+        if age.size < 2 or np.ptp(age) == 0:
+            raise ValueError("bias correction needs at least two subjects with different ages")
+        slope, intercept = np.polyfit(age, predicted - age, deg=1)
+        self.slope.fill_(float(slope))
+        self.intercept.fill_(float(intercept))
+        self.fitted.fill_(True)
+        return self
+
+    def corrected_gap(self, predicted, age) -> np.ndarray:
+        """The gap with its linear age trend removed (the raw gap when not fitted yet)."""
+        age = np.asarray(age, float)
+        gap = np.asarray(predicted, float) - age
+        return gap - (float(self.slope) * age + float(self.intercept)) if bool(self.fitted) else gap

@@ -1,0 +1,64 @@
+"""Figures for brain-age results (matplotlib, no display needed). Each writes one PNG atomically."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def save_figure(fig, path) -> Path:
+    """Save and close ``fig`` as ``path`` via a temporary file, so readers never see half a PNG."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.part")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def plot_predicted_vs_true(age, predicted, path, title="Predicted vs chronological age") -> Path:
+    age, predicted = np.asarray(age, float), np.asarray(predicted, float)
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    lo, hi = float(min(age.min(), predicted.min())), float(max(age.max(), predicted.max()))
+    ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="identity")
+    ax.scatter(age, predicted, s=14, alpha=0.7)
+    mae = np.abs(predicted - age).mean()
+    ax.set(xlabel="chronological age (years)", ylabel="predicted age (years)", title=f"{title}\nMAE {mae:.2f} y, n={age.size}")
+    ax.legend(loc="upper left")
+    return save_figure(fig, path)
+
+
+def plot_gap_vs_age(age, gap, corrected_gap, path) -> Path:
+    age = np.asarray(age, float)
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.axhline(0, color="k", lw=1)
+    for values, label in ((gap, "gap"), (corrected_gap, "bias-corrected gap")):
+        values = np.asarray(values, float)
+        ax.scatter(age, values, s=12, alpha=0.6, label=label)
+        if age.size > 1 and np.ptp(age) > 0:
+            slope, intercept = np.polyfit(age, values, 1)
+            xs = np.array([age.min(), age.max()])
+            ax.plot(xs, slope * xs + intercept, lw=1.5)
+    ax.set(xlabel="chronological age (years)", ylabel="brain-age gap (years)", title="Brain-age gap vs age")
+    ax.legend()
+    return save_figure(fig, path)
+
+
+def plot_slice_weights(weights, path, axis_name="slice") -> Path:
+    """Mean attention weight per slice index (weights: subjects x slices), with the spread across subjects."""
+    weights = np.asarray(weights, float)
+    mean, std = weights.mean(0), weights.std(0)
+    idx = np.arange(mean.size)
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.plot(idx, mean)
+    ax.fill_between(idx, mean - std, mean + std, alpha=0.3)
+    ax.axhline(1.0 / mean.size, color="k", ls="--", lw=1, label="uniform")
+    ax.set(xlabel=f"{axis_name} index", ylabel="attention weight", title="Slice attention")
+    ax.legend()
+    return save_figure(fig, path)
