@@ -11,9 +11,10 @@ import ignite.distributed as idist
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
+from monai.utils import evenly_divisible_all_gather, string_list_all_gather
 
 from .brain_age import BiasCorrection, brain_age_metrics
-from .plots import plot_gap_vs_age, plot_predicted_vs_true
+from .plots import plot_gap_vs_age, plot_predicted_vs_true, plot_slice_weights
 
 
 class BrainAgeReport:
@@ -27,7 +28,8 @@ class BrainAgeReport:
     known age (plain inference) get a predicted age and empty gap columns.
 
     Expects decollated engine output (MONAI's default): ``engine.state.batch`` and ``engine.state.output``
-    are lists of per-subject dicts.
+    are lists of per-subject dicts. Under DDP it must be attached on every rank (it gathers across
+    ranks); only rank 0 writes files.
     """
 
     def __init__(self, output_dir, bias_correction: BiasCorrection | None = None, fit_bias_correction: bool = False,
@@ -58,11 +60,12 @@ class BrainAgeReport:
             self._preds.append(float(torch.as_tensor(out[self.pred_key]).float().reshape(-1)[0]))
 
     def _gathered(self):
-        subjects = idist.all_gather(self._subjects) if idist.get_world_size() > 1 else self._subjects
-        values = torch.tensor([self._ages, self._preds], dtype=torch.float64)
-        if idist.get_world_size() > 1:
-            values = idist.all_gather(values.T.contiguous()).T
-        return list(subjects), values[0].numpy(), values[1].numpy()
+        """All ranks' subjects, ages and predictions (ranks may hold different counts)."""
+        values = torch.tensor([self._ages, self._preds], dtype=torch.float64).T.reshape(-1, 2)
+        if idist.get_world_size() == 1:
+            return self._subjects, values[:, 0].numpy(), values[:, 1].numpy()
+        values = evenly_divisible_all_gather(values, concat=True)
+        return string_list_all_gather(self._subjects), values[:, 0].numpy(), values[:, 1].numpy()
 
     def _report(self, engine: Engine) -> None:
         subjects, ages, preds = self._gathered()
@@ -111,3 +114,44 @@ def _write_atomic(path: Path, write) -> None:
     with open(tmp, "w", newline="") as handle:
         write(handle)
     os.replace(tmp, path)
+
+
+class SliceAttentionReport:
+    """Per-subject slice attention weights of an attention-pooling slice network: CSV plus a plot.
+
+    Re-runs the network's ``forward_with_attention`` on each batch's images (the evaluator's forward pass
+    returns predictions only, which keeps the network exportable), so enable it only when the weights
+    are wanted. Weights are averaged over heads: one row per subject, one column per slice index.
+    """
+
+    def __init__(self, network, output_dir, prefix: str = "", subject_key: str = "subject", image_key: str = "image",
+                 axis_name: str = "slice") -> None:
+        self.network = getattr(network, "module", network)
+        self.output_dir = Path(output_dir)
+        self.prefix, self.subject_key, self.image_key, self.axis_name = prefix, subject_key, image_key, axis_name
+        self._subjects: list[str] = []
+        self._weights: list[np.ndarray] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
+
+    def _reset(self, engine: Engine) -> None:
+        self._subjects, self._weights = [], []
+
+    @torch.no_grad()
+    def _collect(self, engine: Engine) -> None:
+        images = torch.stack([torch.as_tensor(out[self.image_key]) for out in engine.state.output])
+        _, weights = self.network.forward_with_attention(images.to(engine.state.device))
+        self._weights.extend(weights.float().mean(dim=1).cpu().numpy())
+        self._subjects.extend(str(item.get(self.subject_key, f"case{len(self._subjects)}")) for item in engine.state.batch)
+
+    def _write(self, engine: Engine) -> None:
+        if idist.get_rank() != 0 or not self._weights:
+            return
+        weights = np.stack(self._weights)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        rows = [{"subject": s, **{f"w{i}": f"{w:.5f}" for i, w in enumerate(row)}} for s, row in zip(self._subjects, weights)]
+        _write_atomic(self.output_dir / f"{self.prefix}slice_attention.csv", lambda f: _write_csv(f, rows))
+        plot_slice_weights(weights, self.output_dir / f"{self.prefix}slice_attention.png", axis_name=self.axis_name)

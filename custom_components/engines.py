@@ -1,0 +1,254 @@
+"""Training engine for TGB-GAN: an image-to-image WGAN-GP whose generator output also feeds an age regressor."""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from monai.engines import Trainer
+from monai.engines.utils import IterationEvents, PrepareBatch, default_metric_cmp_fn
+from monai.utils import StrEnum, convert_to_tensor
+from torch import nn
+from torch.optim import Optimizer
+
+from custom_components.losses import TaskGuidedGANLoss
+
+
+class TGBGANKeys(StrEnum):
+    """Keys of :class:`TaskGuidedGANTrainer`'s iteration output (``engine.state.output``).
+
+    ``LOSSES`` holds a dict of Python floats (``g_loss``, ``adv``, ``l1``, ``age_mse`` unless ablated,
+    ``d_loss``, ``wasserstein``, ``gp`` of the last critic update), ready for StatsHandler and
+    TensorBoardStatsHandler: ``"output_transform": "$lambda x: x['losses']"`` (the output is not decollated;
+    ``from_engine`` would wrap the dict in a tuple).
+    """
+
+    IMAGE = "image"
+    RECONSTRUCTION = "reconstruction"
+    AGE = "age"
+    PRED_AGE = "pred_age"
+    LOSSES = "losses"
+
+
+class PrepareImageAgeBatch(PrepareBatch):
+    """Take the image and the age out of a dict batch and move them to the device.
+
+    Images come back as plain tensors (MetaTensor metadata is not needed for training, and plain tensors
+    keep the double-backward of the gradient penalty simple). Ages come back as float32, shape (B, 1), the
+    regressor's output shape; they are None when the batch has no ``age_key`` (enough for the ablation).
+    """
+
+    def __init__(self, image_key: str = "image", age_key: str = "age") -> None:
+        self.image_key = image_key
+        self.age_key = age_key
+
+    def __call__(
+        self,
+        batchdata: Mapping[str, Any],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not isinstance(batchdata, Mapping) or self.image_key not in batchdata:
+            found = sorted(batchdata) if isinstance(batchdata, Mapping) else type(batchdata).__name__
+            raise KeyError(f"expected a dict batch with key '{self.image_key}', got {found}")
+        image = convert_to_tensor(batchdata[self.image_key], track_meta=False)
+        image = image.to(device=device, non_blocking=non_blocking, **kwargs)
+        if self.age_key not in batchdata:
+            return image, None
+        age = convert_to_tensor(batchdata[self.age_key], dtype=torch.float32, wrap_sequence=True, track_meta=False)
+        if age.numel() != image.shape[0]:
+            raise ValueError(f"expected one '{self.age_key}' per image: {age.numel()} ages for {image.shape[0]} images")
+        return image, age.reshape(-1, 1).to(device=device, non_blocking=non_blocking)
+
+
+@contextmanager
+def _parameters_frozen(module: nn.Module):
+    """Stop gradients flowing into ``module``'s parameters (they still flow through it to its input)."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for param, flag in zip(module.parameters(), flags):
+            param.requires_grad_(flag)
+
+
+class TaskGuidedGANTrainer(Trainer):
+    """Trainer of TGB-GAN: per iteration ``d_train_steps`` critic updates, then one generator+regressor update.
+
+    The generator reconstructs the batch's images; the critic is trained with WGAN-GP on real images versus
+    reconstructions (detached, the same ones for all critic updates of the iteration, as in MONAI's
+    GanTrainer); then the generator and the age regressor (both in ``g_optimizer``) are trained together
+    on ``loss.generator_loss``. With ``loss.age_weight == 0`` (the ablation) the regressor is never run,
+    so its parameters get no gradient and ``g_optimizer`` leaves them untouched.
+
+    Why :class:`monai.engines.Trainer` and not ``AdversarialTrainer``: AdversarialTrainer updates the
+    generator before the discriminator, once each, takes separate logits-only loss callables and has no
+    third network or gradient penalty; its whole iteration would be replaced. Trainer gives the same
+    Workflow machinery (handlers, metrics, events, ``get_stats``) without unused constructor arguments.
+
+    Safety: every loss is checked before its backward pass; a non-finite one raises ``FloatingPointError``
+    naming the epoch, iteration and loss terms, so no optimiser ever steps on it. Ignite then fires
+    ``EXCEPTION_RAISED``, where ``CheckpointSaver(save_final=True)`` saves the weights of the last finite step
+    (attach it before StatsHandler: StatsHandler re-raises and later exception handlers are skipped).
+
+    AMP: only on CUDA (autocast + one GradScaler per optimiser, ``g_scaler`` and ``d_scaler``; save them
+    with the checkpoint when resuming matters). On other devices ``amp=True`` is accepted with a warning
+    and training runs in float32. The gradient penalty always runs in float32.
+
+    Random draws (gradient-penalty interpolation weights, regressor dropout) use torch's global RNG, which
+    the bundle seeds (``monai.utils.set_determinism``).
+
+    Events: ``FORWARD_COMPLETED`` after the generator's forward pass, ``INNER_ITERATION_STARTED`` /
+    ``INNER_ITERATION_COMPLETED`` around every critic update, ``LOSS_COMPLETED`` after the generator loss,
+    ``MODEL_COMPLETED`` at the end. ``network`` is the generator, for handlers that look up
+    ``engine.network``.
+
+    Args (beyond those of :class:`monai.engines.SupervisedTrainer`, which mean the same here):
+        generator, critic, regressor: the three networks (``regressor`` may be None only for the ablation).
+        g_optimizer: optimiser over the generator's and the regressor's parameters.
+        d_optimizer: optimiser over the critic's parameters.
+        loss: the task-guided loss; its ``age_weight`` selects TGB-GAN or the ablation.
+        d_train_steps: critic updates per iteration.
+        grad_clip_norm: when given, clip each optimiser's gradients to this total 2-norm before stepping.
+        prepare_batch: returns ``(images, ages)``; defaults to :class:`PrepareImageAgeBatch` with keys
+            ``image`` and ``age``.
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        max_epochs: int,
+        train_data_loader: Iterable,
+        generator: nn.Module,
+        critic: nn.Module,
+        regressor: nn.Module | None,
+        g_optimizer: Optimizer,
+        d_optimizer: Optimizer,
+        loss: TaskGuidedGANLoss,
+        d_train_steps: int = 1,
+        grad_clip_norm: float | None = None,
+        epoch_length: int | None = None,
+        non_blocking: bool = False,
+        prepare_batch: Callable | None = None,
+        iteration_update: Callable | None = None,
+        postprocessing: Callable | None = None,
+        key_train_metric: dict | None = None,
+        additional_metrics: dict | None = None,
+        metric_cmp_fn: Callable = default_metric_cmp_fn,
+        train_handlers: Sequence | None = None,
+        amp: bool = False,
+        event_names: list | None = None,
+        event_to_attr: dict | None = None,
+        decollate: bool = False,
+        optim_set_to_none: bool = False,
+        to_kwargs: dict | None = None,
+        amp_kwargs: dict | None = None,
+    ) -> None:
+        if isinstance(d_train_steps, bool) or not isinstance(d_train_steps, int) or d_train_steps < 1:
+            raise ValueError(f"d_train_steps must be a positive integer, got {d_train_steps!r}")
+        if grad_clip_norm is not None and not grad_clip_norm > 0:
+            raise ValueError(f"grad_clip_norm must be positive or None, got {grad_clip_norm!r}")
+        if regressor is None and loss.uses_age:
+            raise ValueError("a regressor is needed when loss.age_weight > 0 (set age_weight=0 for the ablation)")
+        device = torch.device(device)
+        use_amp = bool(amp) and device.type == "cuda"
+        if amp and not use_amp:
+            warnings.warn(f"amp=True has no effect on device '{device}': training runs in float32", stacklevel=2)
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            data_loader=train_data_loader,
+            epoch_length=epoch_length,
+            non_blocking=non_blocking,
+            prepare_batch=PrepareImageAgeBatch() if prepare_batch is None else prepare_batch,
+            iteration_update=iteration_update,
+            postprocessing=postprocessing,
+            key_metric=key_train_metric,
+            additional_metrics=additional_metrics,
+            metric_cmp_fn=metric_cmp_fn,
+            handlers=train_handlers,
+            amp=use_amp,
+            event_names=event_names,
+            event_to_attr=event_to_attr,
+            decollate=decollate,
+            to_kwargs=to_kwargs,
+            amp_kwargs=amp_kwargs,
+        )
+        self.generator = generator
+        self.network = generator
+        self.critic = critic
+        self.regressor = regressor
+        self.g_optimizer = g_optimizer
+        self.d_optimizer = d_optimizer
+        self.loss_function = loss
+        self.d_train_steps = d_train_steps
+        self.grad_clip_norm = grad_clip_norm
+        self.optim_set_to_none = optim_set_to_none
+        self.g_scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+        self.d_scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    def _autocast(self):
+        return torch.autocast(self.state.device.type, enabled=self.amp, **self.amp_kwargs)
+
+    def _step(
+        self, name: str, loss: torch.Tensor, terms: Mapping[str, torch.Tensor], optimizer: Optimizer, scaler
+    ) -> None:
+        """Check ``loss`` is finite, then backward, optional clipping and one optimiser step."""
+        if not torch.isfinite(loss):
+            values = ", ".join(f"{key}={float(value):.6g}" for key, value in terms.items())
+            raise FloatingPointError(
+                f"non-finite {name} loss at epoch {self.state.epoch}, iteration {self.state.iteration}: {values}. "
+                "Training stopped before this optimiser step: the weights are those of the last finite step."
+            )
+        optimizer.zero_grad(set_to_none=self.optim_set_to_none)
+        scaler.scale(loss).backward()
+        if self.grad_clip_norm is not None:
+            scaler.unscale_(optimizer)
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            nn.utils.clip_grad_norm_(params, self.grad_clip_norm)
+        scaler.step(optimizer)
+        scaler.update()
+
+    def _iteration(self, engine: TaskGuidedGANTrainer, batchdata: Mapping[str, Any]) -> dict[str, Any]:
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        real, age = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
+        loss = engine.loss_function
+        for net in (engine.generator, engine.critic, engine.regressor):
+            if net is not None:
+                net.train()
+
+        with engine._autocast():
+            fake = engine.generator(real)
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+
+        for _ in range(engine.d_train_steps):
+            engine.fire_event(IterationEvents.INNER_ITERATION_STARTED)
+            with engine._autocast():
+                d_total, d_terms = loss.critic_loss(engine.critic, real, fake)
+            engine._step("critic", d_total, d_terms, engine.d_optimizer, engine.d_scaler)
+            engine.fire_event(IterationEvents.INNER_ITERATION_COMPLETED)
+
+        with engine._autocast(), _parameters_frozen(engine.critic):
+            fake_scores = engine.critic(fake)
+            pred_age = engine.regressor(fake) if loss.uses_age else None
+            g_total, g_terms = loss.generator_loss(fake_scores, fake, real, pred_age, age)
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        engine._step("generator", g_total, g_terms, engine.g_optimizer, engine.g_scaler)
+
+        output: dict[str, Any] = {
+            TGBGANKeys.IMAGE: real,
+            TGBGANKeys.RECONSTRUCTION: fake.detach(),
+            TGBGANKeys.LOSSES: {key: float(value) for key, value in {**g_terms, **d_terms}.items()},
+        }
+        if age is not None:
+            output[TGBGANKeys.AGE] = age
+        if pred_age is not None:
+            output[TGBGANKeys.PRED_AGE] = pred_age.detach()
+        engine.state.output = output
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output

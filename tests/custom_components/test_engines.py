@@ -1,0 +1,252 @@
+"""TaskGuidedGANTrainer on tiny 8^3 volumes: updates, d_train_steps, ablation, non-finite losses, handlers."""
+import logging
+
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Events
+from monai.bundle import ConfigParser
+from monai.data import DataLoader, Dataset, MetaTensor
+from monai.handlers import CheckpointSaver, LrScheduleHandler, StatsHandler
+
+from custom_components.engines import PrepareImageAgeBatch, TaskGuidedGANTrainer, TGBGANKeys
+from custom_components.losses import TaskGuidedGANLoss
+from custom_components.networks.tgb_gan import ResidualAgeRegressor, TGBGenerator, WGANCritic
+
+SIZE = 8
+
+
+def make_loader(n: int = 2, batch_size: int = 2, nan_key: str | None = None) -> DataLoader:
+    rng = np.random.default_rng(0)
+    items = [
+        {"image": rng.random((1, SIZE, SIZE, SIZE), dtype=np.float32), "age": float(20 + 3 * i)} for i in range(n)
+    ]
+    if nan_key == "image":
+        items[0]["image"][0, 0, 0, 0] = np.nan
+    elif nan_key == "age":
+        items[0]["age"] = float("nan")
+    return DataLoader(Dataset(items), batch_size=batch_size, shuffle=False, num_workers=0)
+
+
+def make_trainer(loader=None, age_weight=0.1, optimiser=torch.optim.Adam, lr=1e-3, **kwargs):
+    torch.manual_seed(0)
+    generator = TGBGenerator(encoder_channels=(4, 8), decoder_channels=(8, 4))
+    critic = WGANCritic(channels=(4, 8))
+    regressor = ResidualAgeRegressor(channels=(2, 4), hidden=(8,), spatial_shape=(SIZE,) * 3, init_bias=23.0)
+    g_params = list(generator.parameters()) + list(regressor.parameters())
+    return TaskGuidedGANTrainer(
+        device="cpu",
+        max_epochs=kwargs.pop("max_epochs", 1),
+        train_data_loader=make_loader() if loader is None else loader,
+        generator=generator,
+        critic=critic,
+        regressor=regressor,
+        g_optimizer=optimiser(g_params, lr=lr),
+        d_optimizer=optimiser(critic.parameters(), lr=lr),
+        loss=TaskGuidedGANLoss(age_weight=age_weight),
+        **kwargs,
+    )
+
+
+def snapshot(*networks):
+    return [[p.detach().clone() for p in net.parameters()] for net in networks]
+
+
+def changed(before, network) -> list[bool]:
+    return [not torch.equal(b, p) for b, p in zip(before, network.parameters())]
+
+
+def test_one_iteration_updates_all_three_networks_with_finite_losses():
+    trainer = make_trainer()
+    nets = (trainer.generator, trainer.critic, trainer.regressor)
+    before = snapshot(*nets)
+    trainer.run()
+    assert trainer.state.iteration == 1
+    for params, net in zip(before, nets):
+        assert all(changed(params, net)), type(net).__name__
+    out = trainer.state.output
+    losses = out[TGBGANKeys.LOSSES]
+    assert set(losses) == {"g_loss", "adv", "l1", "age_mse", "d_loss", "wasserstein", "gp"}
+    assert all(isinstance(v, float) and np.isfinite(v) for v in losses.values())
+    assert out[TGBGANKeys.RECONSTRUCTION].shape == out[TGBGANKeys.IMAGE].shape == (2, 1, SIZE, SIZE, SIZE)
+    assert out[TGBGANKeys.PRED_AGE].shape == out[TGBGANKeys.AGE].shape == (2, 1)
+    torch.testing.assert_close(out[TGBGANKeys.AGE], torch.tensor([[20.0], [23.0]]))
+    assert trainer.network is trainer.generator
+
+
+def count_steps(optimizer) -> list:
+    calls = []
+    step = optimizer.step
+
+    def counted_step(*args, **kwargs):
+        calls.append(1)
+        return step(*args, **kwargs)
+
+    optimizer.step = counted_step
+    return calls
+
+
+def test_d_train_steps_runs_that_many_critic_updates_per_generator_update():
+    trainer = make_trainer(d_train_steps=2)
+    d_calls, g_calls = count_steps(trainer.d_optimizer), count_steps(trainer.g_optimizer)
+    trainer.run()
+    assert (len(d_calls), len(g_calls)) == (2, 1)
+
+
+def test_ablation_never_runs_or_updates_the_regressor():
+    trainer = make_trainer(age_weight=0.0)
+    calls = []
+    trainer.regressor.register_forward_hook(lambda *args: calls.append(1))
+    before = snapshot(trainer.regressor, trainer.generator)
+    trainer.run()
+    assert calls == []
+    assert not any(changed(before[0], trainer.regressor))
+    assert any(changed(before[1], trainer.generator))
+    assert "age_mse" not in trainer.state.output[TGBGANKeys.LOSSES]
+    assert TGBGANKeys.PRED_AGE not in trainer.state.output
+
+
+def test_non_finite_critic_loss_stops_before_any_update():
+    trainer = make_trainer(loader=make_loader(nan_key="image"))
+    nets = (trainer.generator, trainer.critic, trainer.regressor)
+    before = snapshot(*nets)
+    with pytest.raises(FloatingPointError, match="non-finite critic loss at epoch 1, iteration 1: d_loss=nan"):
+        trainer.run()
+    for params, net in zip(before, nets):
+        assert not any(changed(params, net))
+
+
+def test_non_finite_generator_loss_keeps_generator_and_regressor_and_saves_final_checkpoint(tmp_path):
+    trainer = make_trainer(loader=make_loader(nan_key="age"))
+    before = snapshot(trainer.generator, trainer.regressor)
+    saver = CheckpointSaver(str(tmp_path), {"generator": trainer.generator}, save_final=True)
+    saver.attach(trainer)
+    with pytest.raises(FloatingPointError, match="non-finite generator loss at epoch 1, iteration 1"):
+        trainer.run()
+    assert not any(changed(before[0], trainer.generator))
+    assert not any(changed(before[1], trainer.regressor))
+    (checkpoint,) = tmp_path.glob("*.pt")
+    saved = torch.load(checkpoint, weights_only=True)
+    for b, (name, p) in zip(before[0], trainer.generator.named_parameters()):
+        torch.testing.assert_close(saved[name], b)
+
+
+def run_and_record_losses(**kwargs) -> list[dict]:
+    trainer = make_trainer(loader=make_loader(n=4), **kwargs)
+    history = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: history.append(e.state.output[TGBGANKeys.LOSSES]))
+    trainer.run()
+    return history
+
+
+def test_same_seed_gives_identical_losses():
+    first, second = run_and_record_losses(max_epochs=2), run_and_record_losses(max_epochs=2)
+    assert len(first) == 4
+    assert first == second
+    assert first[0] != first[-1]
+
+
+def update_norm(before, networks) -> torch.Tensor:
+    after = [p for net in networks for p in net.parameters()]
+    return torch.cat([(p - b).flatten() for b, p in zip(before, after)]).norm()
+
+
+def test_gradient_clipping_bounds_each_update():
+    clip = 1e-4
+    trainer = make_trainer(optimiser=torch.optim.SGD, lr=1.0, grad_clip_norm=clip)
+    g_nets, d_nets = (trainer.generator, trainer.regressor), (trainer.critic,)
+    g_before, d_before = sum(snapshot(*g_nets), []), sum(snapshot(*d_nets), [])
+    trainer.run()
+    for before, nets in ((g_before, g_nets), (d_before, d_nets)):
+        assert 0 < update_norm(before, nets) <= clip * (1 + 1e-4)
+
+
+def test_step_lr_handler_decays_at_epoch_end():
+    trainer = make_trainer(max_epochs=2)
+    scheduler = torch.optim.lr_scheduler.StepLR(trainer.g_optimizer, step_size=1, gamma=0.8)
+    LrScheduleHandler(scheduler, print_lr=False).attach(trainer)
+    trainer.run()
+    assert trainer.g_optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.8**2)
+
+
+class RecordingHandler(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_stats_handler_logs_every_loss():
+    trainer = make_trainer()
+    recorder = RecordingHandler()
+    StatsHandler(name="tgb_test", output_transform=lambda x: x["losses"]).attach(trainer)
+    logger = logging.getLogger("tgb_test")
+    logger.addHandler(recorder)
+    try:
+        trainer.run()
+    finally:
+        logger.removeHandler(recorder)
+    logged = " ".join(recorder.messages)
+    for key in ("g_loss", "d_loss", "gp", "l1", "adv", "age_mse", "wasserstein"):
+        assert f"{key}: " in logged
+
+
+def test_amp_on_cpu_falls_back_to_float32_with_a_warning():
+    with pytest.warns(UserWarning, match="amp=True has no effect"):
+        trainer = make_trainer(amp=True)
+    assert not trainer.amp
+    trainer.run()
+    assert trainer.state.output[TGBGANKeys.RECONSTRUCTION].dtype == torch.float32
+
+
+def test_invalid_trainer_arguments():
+    with pytest.raises(ValueError, match="d_train_steps"):
+        make_trainer(d_train_steps=0)
+    with pytest.raises(ValueError, match="grad_clip_norm"):
+        make_trainer(grad_clip_norm=0.0)
+    generator, critic = TGBGenerator(encoder_channels=(2,), decoder_channels=(2,)), WGANCritic(channels=(2,))
+    sgd = torch.optim.SGD(critic.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="regressor is needed"):
+        TaskGuidedGANTrainer("cpu", 1, make_loader(), generator, critic, None, sgd, sgd, TaskGuidedGANLoss())
+
+
+def test_trainer_builds_from_a_bundle_config_and_the_ablation_is_a_command_line_override():
+    tgb = "custom_components.networks.tgb_gan"
+    config = {
+        "generator": {"_target_": f"{tgb}.TGBGenerator", "encoder_channels": [4, 8], "decoder_channels": [8, 4]},
+        "critic": {"_target_": f"{tgb}.WGANCritic", "channels": [4, 8]},
+        "regressor": {"_target_": f"{tgb}.ResidualAgeRegressor", "channels": [2, 4], "hidden": [8],
+                      "spatial_shape": [SIZE] * 3},
+        "g_optimizer": {"_target_": "torch.optim.Adam", "lr": 1e-4,
+                        "params": "$list(@generator.parameters()) + list(@regressor.parameters())"},
+        "d_optimizer": {"_target_": "torch.optim.Adam", "params": "$@critic.parameters()", "lr": 1e-4},
+        "loss": {"_target_": "custom_components.losses.TaskGuidedGANLoss", "age_weight": 0.1},
+        "trainer": {
+            "_target_": "custom_components.engines.TaskGuidedGANTrainer",
+            "device": "cpu", "max_epochs": 1, "train_data_loader": "@loader",
+            "generator": "@generator", "critic": "@critic", "regressor": "@regressor",
+            "g_optimizer": "@g_optimizer", "d_optimizer": "@d_optimizer", "loss": "@loss", "d_train_steps": 2,
+            "prepare_batch": {"_target_": "custom_components.engines.PrepareImageAgeBatch", "age_key": "age"},
+            "train_handlers": [{"_target_": "StatsHandler", "output_transform": "$lambda x: x['losses']"}],
+        },
+    }
+    parser = ConfigParser(config)
+    parser.update({"loader": make_loader(), "loss#age_weight": 0})  # as `--loss#age_weight 0` would
+    trainer = parser.get_parsed_content("trainer")
+    assert isinstance(trainer, TaskGuidedGANTrainer) and trainer.d_train_steps == 2
+    trainer.run()
+    assert "age_mse" not in trainer.state.output[TGBGANKeys.LOSSES]
+
+
+def test_prepare_batch_returns_plain_image_and_column_of_ages():
+    prepare = PrepareImageAgeBatch(image_key="img", age_key="years")
+    image, age = prepare({"img": MetaTensor(torch.zeros(2, 1, 2, 2, 2)), "years": [30, 40.5]}, "cpu")
+    assert type(image) is torch.Tensor
+    assert age.dtype == torch.float32 and age.tolist() == [[30.0], [40.5]]
+    assert prepare({"img": torch.zeros(1, 1, 2, 2, 2)})[1] is None
+    with pytest.raises(KeyError, match="key 'img'"):
+        prepare({"image": torch.zeros(1)})
+    with pytest.raises(ValueError, match="one 'years' per image"):
+        prepare({"img": torch.zeros(2, 1, 2, 2, 2), "years": [1.0]})

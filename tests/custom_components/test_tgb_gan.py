@@ -1,0 +1,132 @@
+"""Shapes, errors and building blocks of the TGB-GAN networks (tiny sizes; paper sizes on the meta device)."""
+import pytest
+import torch
+from torch import nn
+
+from custom_components.networks.tgb_gan import ResidualAgeRegressor, ResidualBlock3d, TGBGenerator, WGANCritic
+
+
+def conv_params(c_in: int, c_out: int, kernel: int = 3) -> int:
+    return c_in * c_out * kernel**3 + c_out
+
+
+def test_generator_round_trip_shapes_and_non_negative_output():
+    torch.manual_seed(0)
+    gen = TGBGenerator(encoder_channels=(4, 8, 8), decoder_channels=(8, 4, 4))
+    x = torch.rand(2, 1, 16, 16, 24)
+    z = gen.encode(x)
+    assert z.shape == (2, 8, 2, 2, 3)
+    y = gen.decode(z)
+    assert y.shape == x.shape
+    assert (y >= 0).all()
+    torch.testing.assert_close(gen(x), y)
+
+
+def test_generator_decode_doubles_size_per_level():
+    gen = TGBGenerator(in_channels=2, encoder_channels=(4, 6), decoder_channels=(5, 3))
+    assert gen.decode(torch.rand(1, 6, 3, 1, 2)).shape == (1, 2, 12, 4, 8)
+
+
+def test_generator_rejects_sizes_not_divisible_by_two_to_the_depth():
+    gen = TGBGenerator(encoder_channels=(2, 2, 2), decoder_channels=(2, 2, 2))
+    with pytest.raises(ValueError, match="divisible by 8, got \\(16, 12, 16\\)"):
+        gen.encode(torch.rand(1, 1, 16, 12, 16))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"encoder_channels": (4, 8), "decoder_channels": (4,)}, "same number of levels"),
+        ({"kernel_size": 4}, "odd"),
+        ({"encoder_channels": ()}, "non-empty"),
+    ],
+)
+def test_generator_rejects_bad_configs(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TGBGenerator(**kwargs)
+
+
+def test_generator_rejects_wrong_channel_count():
+    with pytest.raises(ValueError, match="expects \\(batch, 1, D, H, W\\)"):
+        TGBGenerator(encoder_channels=(2,), decoder_channels=(2,)).encode(torch.rand(1, 2, 4, 4, 4))
+
+
+def test_paper_generator_shapes_and_parameter_count():
+    with torch.device("meta"):
+        gen = TGBGenerator()
+        x = torch.empty(1, 1, 96, 96, 96)
+        assert gen.encode(x).shape == (1, 512, 3, 3, 3)
+        assert gen(x).shape == (1, 1, 96, 96, 96)
+    enc = [1, 64, 128, 256, 512, 512]
+    dec = [512, 256, 256, 128, 64, 32]
+    expected = sum(conv_params(a, b) for a, b in zip(enc, enc[1:]))
+    expected += sum(conv_params(a, b) for a, b in zip(dec, dec[1:]))
+    expected += conv_params(32, 1, kernel=1)
+    assert sum(p.numel() for p in gen.parameters()) == expected
+
+
+def test_critic_scores_each_sample_alone_without_normalisation():
+    torch.manual_seed(0)
+    critic = WGANCritic(channels=(4, 8))
+    x = torch.rand(3, 1, 8, 8, 8)
+    scores = critic(x)
+    assert scores.shape == (3,)
+    torch.testing.assert_close(scores[1:2], critic(x[1:2]))
+    torch.testing.assert_close(scores, critic.score_map(x).mean(dim=(1, 2, 3, 4)))
+    assert not any(isinstance(m, nn.modules.batchnorm._NormBase) for m in critic.modules())
+
+
+def test_critic_activation_switch():
+    assert sum(isinstance(m, nn.LeakyReLU) for m in WGANCritic(channels=(2, 2), negative_slope=0.2).modules()) == 2
+    assert not any(isinstance(m, nn.LeakyReLU) for m in WGANCritic(channels=(2, 2)).modules())
+    with pytest.raises(ValueError, match="negative_slope"):
+        WGANCritic(negative_slope=-0.1)
+
+
+def test_paper_critic_score_map_is_6_cubed():
+    with torch.device("meta"):
+        critic = WGANCritic()
+        x = torch.empty(2, 1, 96, 96, 96)
+        assert critic.score_map(x).shape == (2, 1, 6, 6, 6)
+        assert critic(x).shape == (2,)
+
+
+def test_residual_block_adds_zero_padded_identity():
+    block = ResidualBlock3d(2, 3)
+    for conv in (block.conv1, block.conv2):
+        nn.init.zeros_(conv.weight)
+        nn.init.zeros_(conv.bias)
+    x = torch.randn(1, 2, 4, 4, 4)
+    y = block(x)
+    torch.testing.assert_close(y[:, :2], torch.relu(x))
+    assert (y[:, 2] == 0).all()
+    with pytest.raises(ValueError, match="cannot shrink"):
+        ResidualBlock3d(4, 2)
+
+
+def test_regressor_shape_and_initial_bias():
+    torch.manual_seed(0)
+    reg = ResidualAgeRegressor(channels=(2, 4), hidden=(8,), spatial_shape=(8, 8, 12), init_bias=25.0)
+    assert reg.head[1].in_features == 4 * 2 * 2 * 3
+    assert reg.out.bias.item() == 25.0
+    nn.init.zeros_(reg.out.weight)
+    out = reg(torch.rand(2, 1, 8, 8, 12))
+    torch.testing.assert_close(out, torch.full((2, 1), 25.0))
+
+
+def test_regressor_rejects_other_input_sizes_and_too_small_shapes():
+    reg = ResidualAgeRegressor(channels=(2, 4), hidden=(8,), spatial_shape=(8, 8, 8))
+    with pytest.raises(ValueError, match="built for spatial_shape \\(8, 8, 8\\)"):
+        reg(torch.rand(1, 1, 16, 16, 16))
+    with pytest.raises(ValueError, match="too small"):
+        ResidualAgeRegressor(channels=(2, 4, 8), spatial_shape=(8, 8, 4))
+    with pytest.raises(ValueError, match="dropout"):
+        ResidualAgeRegressor(dropout=1.0)
+
+
+def test_paper_regressor_on_meta_device():
+    with torch.device("meta"):
+        reg = ResidualAgeRegressor()
+        assert reg(torch.empty(2, 1, 96, 96, 96)).shape == (2, 1)
+    assert [m.out_features for m in reg.modules() if isinstance(m, nn.Linear)] == [2048, 512, 64, 1]
+    assert reg.head[1].in_features == 256 * 3 * 3 * 3
