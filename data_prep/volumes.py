@@ -28,6 +28,7 @@ def atomic_path(path: str | os.PathLike):
     suffix = "".join(path.suffixes)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{suffix}", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; outputs are meant to be shared
     try:
         yield Path(tmp)
         os.replace(tmp, path)

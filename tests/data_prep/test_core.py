@@ -45,6 +45,7 @@ def test_save_and_load_roundtrip(tmp_path):
     np.testing.assert_allclose(img.affine, g.affine)
     assert nib.load(path).header.get_sform(coded=True)[1] == 1
     assert [p.name for p in path.parent.iterdir()] == ["vol.nii.gz"]
+    assert path.stat().st_mode & 0o777 == 0o644
 
 
 def test_atomic_path_leaves_nothing_on_crash(tmp_path):
