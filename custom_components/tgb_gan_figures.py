@@ -1,0 +1,112 @@
+"""Figures of the TGB-GAN bundle: real vs reconstructed slices (a validation handler) and map overlays."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from monai.handlers import from_engine
+
+from .plots import plt, save_figure
+
+VIEWS = ("sagittal", "coronal", "axial")
+
+
+def central_slices(volume) -> list[np.ndarray]:
+    """The middle sagittal, coronal and axial slices of a (D, H, W) RAS volume, rotated for display."""
+    volume = np.asarray(volume, dtype=np.float32)
+    if volume.ndim != 3:
+        raise ValueError(f"expected a 3D volume, got shape {volume.shape}")
+    cx, cy, cz = (s // 2 for s in volume.shape)
+    return [np.rot90(volume[cx]), np.rot90(volume[:, cy]), np.rot90(volume[:, :, cz])]
+
+
+def reconstruction_figure(real, reconstruction, title: str = "real vs reconstructed"):
+    """One row per volume: its three central slices, real then reconstructed, on a shared grey scale."""
+    real, reconstruction = np.asarray(real), np.asarray(reconstruction)
+    n = len(real)
+    fig, axes = plt.subplots(n, 6, figsize=(12, 2.1 * n), squeeze=False)
+    for row, (a, b) in enumerate(zip(real, reconstruction)):
+        vmax = float(max(a.max(), b.max())) or 1.0
+        for col, (image, kind, view) in enumerate(
+                [(s, "real", v) for s, v in zip(central_slices(a), VIEWS)]
+                + [(s, "recon", v) for s, v in zip(central_slices(b), VIEWS)]):
+            ax = axes[row, col]
+            ax.imshow(image, cmap="gray", vmin=0.0, vmax=vmax)
+            ax.set_axis_off()
+            if row == 0:
+                ax.set_title(f"{kind} {view}", fontsize=8)
+    fig.suptitle(title)
+    return fig
+
+
+def map_overlay_figure(background, effect, title: str):
+    """Central slices of ``background`` in grey with the signed ``effect`` map on top (red up, blue down)."""
+    effect = np.asarray(effect, dtype=np.float32)
+    limit = float(np.abs(effect).max()) or 1.0
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.6))
+    for ax, view, base, overlay in zip(axes, VIEWS, central_slices(background), central_slices(effect)):
+        ax.imshow(base, cmap="gray")
+        shown = np.ma.masked_where(np.abs(overlay) < 0.1 * limit, overlay)
+        image = ax.imshow(shown, cmap="coolwarm", vmin=-limit, vmax=limit, alpha=0.8)
+        ax.set_title(view, fontsize=9)
+        ax.set_axis_off()
+    fig.colorbar(image, ax=list(axes), shrink=0.8, label="old - young")
+    fig.suptitle(title)
+    return fig
+
+
+class ReconstructionGrid:
+    """Each evaluation epoch: a PNG (and a TensorBoard figure) of the first ``n_images`` real volumes next
+    to their reconstructions, as ``<output_dir>/<prefix>epoch_XXXX.png``.
+
+    ``output_transform`` maps the (decollated) engine output to ``(images, reconstructions)``, lists of
+    (1, D, H, W) tensors. ``log_dir``: where TensorBoard figures go (None: PNG only).
+    """
+
+    def __init__(self, output_dir, n_images: int = 4, log_dir=None, prefix: str = "reconstructions_",
+                 output_transform=from_engine(["image", "pred"]), tag: str = "reconstructions") -> None:
+        if n_images < 1:
+            raise ValueError(f"n_images must be >= 1, got {n_images}")
+        self.output_dir = Path(output_dir)
+        self.n_images, self.log_dir, self.prefix, self.tag = n_images, log_dir, prefix, tag
+        self.output_transform = output_transform
+        self._writer = None
+        self._real: list[np.ndarray] = []
+        self._recon: list[np.ndarray] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
+
+    def _reset(self, engine: Engine) -> None:
+        self._real, self._recon = [], []
+
+    def _collect(self, engine: Engine) -> None:
+        if len(self._real) >= self.n_images:
+            return
+        images, reconstructions = self.output_transform(engine.state.output)
+        for image, recon in zip(images, reconstructions):
+            if len(self._real) < self.n_images:
+                self._real.append(_first_channel(image))
+                self._recon.append(_first_channel(recon))
+
+    def _write(self, engine: Engine) -> None:
+        if not self._real:
+            return
+        epoch = engine.state.epoch
+        fig = reconstruction_figure(self._real, self._recon, title=f"epoch {epoch}: real vs reconstructed")
+        if self.log_dir is not None:
+            if self._writer is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(log_dir=str(self.log_dir))
+            self._writer.add_figure(self.tag, fig, global_step=epoch, close=False)
+            self._writer.flush()
+        save_figure(fig, self.output_dir / f"{self.prefix}epoch_{epoch:04d}.png")
+
+
+def _first_channel(volume) -> np.ndarray:
+    return torch.as_tensor(volume).detach().float().cpu().numpy()[0]
