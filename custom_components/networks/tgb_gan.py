@@ -26,8 +26,8 @@ def _check_channels(name: str, channels: Sequence[int]) -> tuple[int, ...]:
 
 
 def _check_volume(x: torch.Tensor, channels: int, owner: str) -> None:
-    if x.ndim != 5 or x.shape[1] != channels:
-        raise ValueError(f"{owner} expects (batch, {channels}, D, H, W) input, got shape {tuple(x.shape)}")
+    if x.dim() != 5 or x.shape[1] != channels:
+        raise ValueError(f"{owner} expects (batch, {channels}, D, H, W) input, got shape {x.shape}")
 
 
 class TGBGenerator(nn.Module):
@@ -76,13 +76,14 @@ class TGBGenerator(nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Image (B, C, D, H, W) -> latent code (B, encoder_channels[-1], D / 2^depth, ...)."""
-        _check_volume(x, self.in_channels, type(self).__name__)
+        _check_volume(x, self.in_channels, "TGBGenerator")
         factor = 2**self.depth
-        if any(size % factor for size in x.shape[2:]):
-            raise ValueError(
-                f"{type(self).__name__} with {self.depth} levels needs spatial sizes divisible by {factor}, "
-                f"got {tuple(x.shape[2:])}"
-            )
+        for size in x.shape[2:]:
+            if size % factor != 0:
+                raise ValueError(
+                    f"TGBGenerator with {self.depth} levels needs spatial sizes divisible by {factor}, "
+                    f"got {list(x.shape[2:])}"
+                )
         return self.encoder(x)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -126,7 +127,7 @@ class WGANCritic(nn.Module):
 
     def score_map(self, x: torch.Tensor) -> torch.Tensor:
         """Patch scores (B, 1, d, h, w) before averaging."""
-        _check_volume(x, self.in_channels, type(self).__name__)
+        _check_volume(x, self.in_channels, "WGANCritic")
         return self.score(self.features(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -177,7 +178,7 @@ class ResidualAgeRegressor(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.in_channels = in_channels
-        self.spatial_shape = tuple(int(s) for s in spatial_shape)
+        self.spatial_shape = [int(s) for s in spatial_shape]
         if len(self.spatial_shape) != 3:
             raise ValueError(f"spatial_shape must have three sizes, got {self.spatial_shape}")
         pooled = tuple(s // 2 ** len(channels) for s in self.spatial_shape)
@@ -200,9 +201,9 @@ class ResidualAgeRegressor(nn.Module):
         nn.init.constant_(self.out.bias, init_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_volume(x, self.in_channels, type(self).__name__)
-        if tuple(x.shape[2:]) != self.spatial_shape:
+        _check_volume(x, self.in_channels, "ResidualAgeRegressor")
+        if list(x.shape[2:]) != self.spatial_shape:
             raise ValueError(
-                f"{type(self).__name__} was built for spatial_shape {self.spatial_shape}, got {tuple(x.shape[2:])}"
+                f"ResidualAgeRegressor was built for spatial_shape {self.spatial_shape}, got {list(x.shape[2:])}"
             )
         return self.out(self.head(self.features(x)))

@@ -161,7 +161,7 @@ def test_ckpt_export_matches_the_eager_generator(trained, tmp_path):
     exported = tmp_path / "model.ts"
     ckpt_export("network_def", filepath=str(exported), ckpt_file=str(root / "models" / "model.pt"),
                 meta_file=str(CONFIGS / "metadata.json"), config_file=str(CONFIGS / "inference.json"),
-                use_trace=True, input_shape=[1, 1, SIZE, SIZE, SIZE], **GENERATOR)
+                **GENERATOR)
     scripted, meta, _ = load_net_with_metadata(str(exported))
     assert meta["version"] == json.loads((CONFIGS / "metadata.json").read_text())["version"]
     eager = TGBGenerator(encoder_channels=(4, 8), decoder_channels=(8, 4))
