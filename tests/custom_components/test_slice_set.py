@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from custom_components.networks.slice_aggregators import AGGREGATIONS
-from custom_components.networks.slice_encoders import SFCN2DEncoder, build_resnet_backbone
+from custom_components.networks.slice_encoders import SFCN2DBlock, SFCN2DEncoder, build_resnet_backbone
 from custom_components.networks.slice_set import SLICE_AXES, SliceSetNet
 
 SHAPE = (12, 10, 8)  # X, Y, Z: distinct sizes so that a wrong slicing axis shows
@@ -203,7 +203,8 @@ def test_a_few_adam_steps_fit_a_tiny_regression(aggregation):
 @pytest.mark.parametrize(
     "options",
     [dict(aggregation=a, position_embedding=True) for a in AGGREGATIONS]
-    + [dict(encoder="resnet18", aggregation="attention", in_channel_mode="sum", channels_last=True)],
+    + [dict(encoder="resnet18", aggregation="attention", in_channel_mode="sum", channels_last=True)]
+    + [dict(aggregation="mean", fused_norm_pool=True)],
 )
 @pytest.mark.filterwarnings("ignore:'norm' was found in ScriptModule constants")  # inside torch's TransformerEncoder
 def test_torchscript_export_gives_the_same_predictions(options):
@@ -226,6 +227,38 @@ def test_channels_last_changes_layout_not_result():
     assert fast.encoder.blocks[1].conv.weight.is_contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         torch.testing.assert_close(fast(volumes()), reference(volumes()), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("height, width", [(13, 10), (2, 3), (1, 2)])  # odd sizes; (1, 2) skips the pool
+def test_fused_norm_pool_block_equals_the_plain_block_with_gradients(height, width):
+    torch.manual_seed(0)
+    plain = SFCN2DBlock(3, 5).double()
+    fused = SFCN2DBlock(3, 5, fused_norm_pool=True).double()
+    fused.load_state_dict(plain.state_dict())
+    x = torch.randn(4, 3, height, width, dtype=torch.float64)
+    upstream = torch.randn_like(plain(x))
+    results = []
+    for block in (plain, fused):
+        inputs = x.clone().requires_grad_()
+        out = block(inputs)
+        out.backward(upstream)
+        results.append([out, inputs.grad, block.conv.weight.grad, block.conv.bias.grad])
+    for fused_result, plain_result in zip(results[1], results[0]):
+        torch.testing.assert_close(fused_result, plain_result, atol=1e-10, rtol=1e-9)
+
+
+def test_fused_norm_pool_network_computes_the_same_function_and_gradients():
+    plain = tiny_net(dropout=0.0, position_embedding=True).double().train()
+    fused = tiny_net(dropout=0.0, position_embedding=True, fused_norm_pool=True).double().train()
+    assert fused.state_dict().keys() == plain.state_dict().keys()
+    fused.load_state_dict(plain.state_dict())
+    x = volumes().double()
+    plain(x).sum().backward()
+    fused_out = fused(x)
+    fused_out.sum().backward()
+    torch.testing.assert_close(fused_out, plain(x), atol=1e-10, rtol=1e-9)
+    for (name, p_fused), p_plain in zip(fused.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p_fused.grad, p_plain.grad, atol=1e-10, rtol=1e-8, msg=name)
 
 
 # ---------------------------------------------------------------- ImageNet weights from a local file
