@@ -76,7 +76,7 @@ def demo_steps(out: Path, n_subjects: int, resolution: float, seed: int, ixi_dat
     ]
     if ixi_datalist is not None:
         steps.append(Step("02_preprocess_ixi",
-                          py + ["preprocess", "--datalist", str(ixi_datalist), "--out", str(out / "ixi"),
+                          py + ["preprocess", "--datalist", str(ixi_datalist), "--out_dir", str(out / "ixi"),
                                 "--resolution", str(resolution)],
                           str(out / "ixi")))
     return steps
