@@ -15,9 +15,8 @@ from functools import lru_cache
 import numpy as np
 from scipy import ndimage as ndi
 
-from .grid import Grid, canonical_grid
+from .grid import Grid, canonical_grid, resample_to_grid
 
-FWHM_TO_SIGMA = 1.0 / np.sqrt(8.0 * np.log(2.0))
 
 
 @dataclass(frozen=True)
@@ -123,18 +122,6 @@ def region_weight(ellipsoids, world: np.ndarray, edge: float = 0.15) -> np.ndarr
     width in units of the normalised radius."""
     radius = np.min([e.normalised_radius(world) for e in ellipsoids], axis=0)
     return (1.0 / (1.0 + np.exp((radius - 1.0) / edge))).astype(np.float32)
-
-
-def resample_to_grid(data: np.ndarray, affine: np.ndarray, grid: Grid) -> np.ndarray:
-    """Resample a volume (voxel-to-world ``affine``) onto ``grid``: Gaussian anti-aliasing to the target
-    resolution (FWHM = the coarser voxel size), then trilinear interpolation; zero outside."""
-    source_voxel = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-    sigma = np.sqrt(np.maximum(grid.resolution**2 - source_voxel**2, 0.0)) * FWHM_TO_SIGMA / source_voxel
-    smooth = ndi.gaussian_filter(data.astype(np.float32), sigma) if np.any(sigma > 0) else data
-    world = grid.world_coordinates().reshape(3, -1)
-    inverse = np.linalg.inv(affine)
-    index = inverse[:3, :3] @ world + inverse[:3, 3:]
-    return ndi.map_coordinates(smooth, index, order=1, cval=0.0).reshape(grid.shape).astype(np.float32)
 
 
 def _template_maps() -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -9,10 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage as ndi
 
 FIELD_OF_VIEW_MM = 192.0
 CENTRE_MM = (0.0, -17.0, 5.0)
 DEFAULT_RESOLUTION_MM = 2.0
+FWHM_TO_SIGMA = 1.0 / np.sqrt(8.0 * np.log(2.0))
 
 
 @dataclass(frozen=True)
@@ -49,3 +51,15 @@ def canonical_grid(resolution: float = DEFAULT_RESOLUTION_MM) -> Grid:
     affine[:3, :3] *= resolution
     affine[:3, 3] = np.asarray(CENTRE_MM) - (n / 2 - 0.5) * resolution
     return Grid(resolution=resolution, shape=(n, n, n), affine=affine)
+
+
+def resample_to_grid(data: np.ndarray, affine: np.ndarray, grid: Grid) -> np.ndarray:
+    """Resample a volume (voxel-to-world ``affine``) onto ``grid``: Gaussian anti-aliasing to the target
+    resolution (FWHM = the coarser voxel size), then trilinear interpolation; zero outside."""
+    source_voxel = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    sigma = np.sqrt(np.maximum(grid.resolution**2 - source_voxel**2, 0.0)) * FWHM_TO_SIGMA / source_voxel
+    smooth = ndi.gaussian_filter(data.astype(np.float32), sigma) if np.any(sigma > 0) else data
+    world = grid.world_coordinates().reshape(3, -1)
+    inverse = np.linalg.inv(affine)
+    index = inverse[:3, :3] @ world + inverse[:3, 3:]
+    return ndi.map_coordinates(smooth, index, order=1, cval=0.0).reshape(grid.shape).astype(np.float32)

@@ -42,13 +42,12 @@ from .effects import (AD_SEVERITY_RANGE, DISPLACEMENT_SD_MM, Lattice, Site, Subj
                       tissue_image, undo_pose, upsample, ventricle_expansion, world_to_voxel)
 from .grid import CENTRE_MM
 from .ingest import ingest_bids
-from .volumes import InputError, atomic_path, save_nifti
+from .volumes import InputError, atomic_path, normalise_intensity, save_nifti
 
 SUBJECT_STREAM, SITE_STREAM, RAW_STREAM, PICTURE_STREAM = 0, 1, 2, 3
 AGE_DISTRIBUTIONS = ("uniform", "normal")
 AD_MIN_AGE = 55.0
 MAX_AGE = 120.0
-NORMALISATION_PERCENTILE = 99.0
 BRAIN_THRESHOLD = 0.5
 NEUTRAL_SITE = Site(name="neutral", gamma=1.0, gm_shift=0.0, scale=1.0, bias=0.0, noise=0.0)
 # Raw variants: voxel axes posterior, superior, right (like IXI); voxel size = resolution x these factors;
@@ -241,13 +240,6 @@ def typical_subject(age: float, ad_severity: float = 0.0) -> SubjectParams:
 def displacement_at(lattice: Lattice, fields: SubjectFields, points: np.ndarray) -> np.ndarray:
     """The subject's random anatomical displacement in mm at world points (3, N)."""
     return DISPLACEMENT_SD_MM * np.stack([lattice.sample(c, points) for c in fields.displacement])
-
-
-def normalise_intensity(image: np.ndarray, brain: np.ndarray) -> np.ndarray:
-    """Zero outside ``brain``; inside, divide by the NORMALISATION_PERCENTILE-th percentile of the brain
-    voxels (the convention preprocessing follows too)."""
-    scale = np.percentile(image[brain], NORMALISATION_PERCENTILE)
-    return np.where(brain, image / scale, 0.0).astype(np.float32)
 
 
 # ------------------------------------------------------------------------------------------ raw variants

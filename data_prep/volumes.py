@@ -12,6 +12,9 @@ import nibabel as nib
 import numpy as np
 
 
+NORMALISATION_PERCENTILE = 99.0
+
+
 class InputError(ValueError):
     """A user input (file, row, option) is unusable; the message names it and says why."""
 
@@ -75,3 +78,12 @@ def load_volume(path: str | os.PathLike) -> nib.Nifti1Image:
     if data.size == 0 or float(data.max()) == float(data.min()):
         raise InputError(f"{path}: image is empty (all voxels equal {float(data.flat[0]) if data.size else 'n/a'})")
     return nib.Nifti1Image(data, img.affine, img.header)
+
+
+def normalise_intensity(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The intensity convention of every brain volume here (preprocessed or simulated): ``image`` divided by
+    its NORMALISATION_PERCENTILE-th percentile inside ``mask`` (white matter near 1), zero outside."""
+    scale = float(np.percentile(image[mask], NORMALISATION_PERCENTILE)) if mask.any() else 0.0
+    if scale <= 0:
+        raise InputError("no signal inside the brain mask")
+    return np.where(mask, image / scale, 0.0).astype(np.float32)
