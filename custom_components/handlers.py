@@ -17,7 +17,17 @@ from .brain_age import BiasCorrection, brain_age_metrics
 from .plots import plot_gap_vs_age, plot_predicted_vs_true, plot_slice_weights
 
 
-class BrainAgeReport:
+class EpochCollector:
+    """Base of handlers that collect something every iteration of an epoch and report it at the epoch's end:
+    subclasses define ``_reset``, ``_collect`` and ``_report`` (each taking the engine)."""
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._report)
+
+
+class BrainAgeReport(EpochCollector):
     """Collect predictions over an evaluation epoch and report them as a brain-age researcher expects.
 
     Writes ``<prefix>predictions.csv`` (subject, age, predicted age, gap, bias-corrected gap),
@@ -43,11 +53,6 @@ class BrainAgeReport:
         self._subjects: list[str] = []
         self._ages: list[float] = []
         self._preds: list[float] = []
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self._report)
 
     def _reset(self, engine: Engine) -> None:
         self._subjects, self._ages, self._preds = [], [], []
@@ -116,7 +121,7 @@ def _write_atomic(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-class SliceAttentionReport:
+class SliceAttentionReport(EpochCollector):
     """Per-subject slice attention weights of an attention-pooling slice network: CSV plus a plot.
 
     Re-runs the network's ``forward_with_attention`` on each batch's images (the evaluator's forward pass
@@ -132,11 +137,6 @@ class SliceAttentionReport:
         self._subjects: list[str] = []
         self._weights: list[np.ndarray] = []
 
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
-
     def _reset(self, engine: Engine) -> None:
         self._subjects, self._weights = [], []
 
@@ -147,7 +147,7 @@ class SliceAttentionReport:
         self._weights.extend(weights.float().mean(dim=1).cpu().numpy())
         self._subjects.extend(str(item.get(self.subject_key, f"case{len(self._subjects)}")) for item in engine.state.batch)
 
-    def _write(self, engine: Engine) -> None:
+    def _report(self, engine: Engine) -> None:
         if idist.get_rank() != 0 or not self._weights:
             return
         weights = np.stack(self._weights)

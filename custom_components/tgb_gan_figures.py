@@ -5,9 +5,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 from monai.handlers import from_engine
 
+from .handlers import EpochCollector
 from .plots import plt, save_figure
 
 VIEWS = ("sagittal", "coronal", "axial")
@@ -57,7 +58,7 @@ def map_overlay_figure(background, effect, title: str):
     return fig
 
 
-class ReconstructionGrid:
+class ReconstructionGrid(EpochCollector):
     """Each evaluation epoch: a PNG (and a TensorBoard figure) of the first ``n_images`` real volumes next
     to their reconstructions, as ``<output_dir>/<prefix>epoch_XXXX.png``.
 
@@ -76,11 +77,6 @@ class ReconstructionGrid:
         self._real: list[np.ndarray] = []
         self._recon: list[np.ndarray] = []
 
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
-
     def _reset(self, engine: Engine) -> None:
         self._real, self._recon = [], []
 
@@ -93,7 +89,7 @@ class ReconstructionGrid:
                 self._real.append(_first_channel(image))
                 self._recon.append(_first_channel(recon))
 
-    def _write(self, engine: Engine) -> None:
+    def _report(self, engine: Engine) -> None:
         if not self._real:
             return
         epoch = engine.state.epoch
