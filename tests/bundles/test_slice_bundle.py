@@ -292,3 +292,25 @@ def test_multi_gpu_config_trains_with_two_cpu_processes(tmp_path, cohort):
     assert json.loads((tmp_path / "eval" / "val_metrics.json").read_text())["n"] == 4
     assert log.count("Epoch[1] Metrics -- val_mae") == 1
     assert log.count("Epoch[1] Metrics -- train_mae") == 1
+
+
+def test_a_crash_mid_training_still_writes_the_final_checkpoint(tmp_path, cohort):
+    """The checkpoint saver's exception handler runs before StatsHandler re-raises the error."""
+    workflow = _workflow(_configs("train"), tmp_path, cohort, **{"train#trainer#max_epochs": 3})
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    network = workflow.parser.get_parsed_content("network")
+    weights_at_crash = {}
+
+    @trainer.on(Events.EPOCH_COMPLETED(once=2))
+    def _crash(engine):
+        weights_at_crash.update({k: v.clone() for k, v in network.state_dict().items()})
+        raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError) as err:  # MONAI wraps it in "Failed to evaluate ConfigExpression"
+        workflow.run()
+    assert "simulated crash" in str(err.value.__cause__)
+    final = torch.load(tmp_path / "models" / "checkpoint_last.pt", weights_only=True)
+    assert set(final) >= {"model", "optimizer", "trainer", "bias_correction"}
+    assert final["trainer"]["iteration"] == 2 * final["trainer"]["epoch_length"]  # saved at the end of epoch 2
+    for key, value in weights_at_crash.items():
+        torch.testing.assert_close(final["model"][key], value)
