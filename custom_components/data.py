@@ -2,31 +2,47 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from monai.data import load_decathlon_datalist
 from monai.engines import PrepareBatch
+from monai.utils import convert_to_tensor
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
 class PrepareImageTarget(PrepareBatch):
-    """``(batch["image"], batch[target_key] as float (B, 1))``: age for brain age, ``label`` for AD.
+    """``(image, target)`` from a dict batch: ``batch[image_key]`` as a plain tensor and
+    ``batch[target_key]`` as float32 (B, 1), both on ``device``.
 
-    Datalists keep age and diagnosis under their own names; this picks the one the bundle predicts, so
-    the same datalist serves both tasks without renaming keys.
+    The target is age for brain age and the GAN's task branch, ``label`` for AD: datalists keep age and
+    diagnosis under their own names and this picks the one the engine trains on. With ``required=False``
+    a batch without the target gives ``None`` (the GAN ablation needs no ages). Images lose their MetaTensor
+    metadata, which training does not need and which complicates the gradient penalty's double backward.
     """
 
-    def __init__(self, target_key: str = "age", image_key: str = "image") -> None:
-        self.target_key, self.image_key = target_key, image_key
+    def __init__(self, target_key: str = "age", image_key: str = "image", required: bool = True) -> None:
+        self.target_key, self.image_key, self.required = target_key, image_key, required
 
-    def __call__(self, batchdata: dict, device=None, non_blocking: bool = False, **kwargs):
+    def __call__(self, batchdata: Mapping[str, Any], device=None, non_blocking: bool = False, **kwargs):
+        if not isinstance(batchdata, Mapping) or self.image_key not in batchdata:
+            found = sorted(batchdata) if isinstance(batchdata, Mapping) else type(batchdata).__name__
+            raise KeyError(f"expected a dict batch with key '{self.image_key}', got {found}")
+        image = convert_to_tensor(batchdata[self.image_key], track_meta=False)
+        image = image.to(device=device, non_blocking=non_blocking, **kwargs)
         if self.target_key not in batchdata:
-            raise KeyError(f"batch has no {self.target_key!r} entry (keys: {sorted(batchdata)}); check target_key")
-        image = batchdata[self.image_key].to(device=device, non_blocking=non_blocking, **kwargs)
-        target = torch.as_tensor(batchdata[self.target_key]).float().reshape(-1, 1)
-        return image, target.to(device=device, non_blocking=non_blocking, **kwargs)
+            if self.required:
+                raise KeyError(f"batch has no '{self.target_key}' entry (keys: {sorted(batchdata)}); check target_key")
+            return image, None
+        target = convert_to_tensor(batchdata[self.target_key], dtype=torch.float32, wrap_sequence=True, track_meta=False)
+        if target.numel() != image.shape[0]:
+            raise ValueError(
+                f"expected one '{self.target_key}' per image: {target.numel()} values for {image.shape[0]} images"
+            )
+        return image, target.reshape(-1, 1).to(device=device, non_blocking=non_blocking, **kwargs)
 
 
 def inference_records(input_dir: str | None = None, datalist_file: str | None = None, split: str = "test") -> list[dict]:

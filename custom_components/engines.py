@@ -8,11 +8,12 @@ from typing import Any
 
 import torch
 from monai.engines import Trainer
-from monai.engines.utils import IterationEvents, PrepareBatch, default_metric_cmp_fn
-from monai.utils import StrEnum, convert_to_tensor
+from monai.engines.utils import IterationEvents, default_metric_cmp_fn
+from monai.utils import StrEnum
 from torch import nn
 from torch.optim import Optimizer
 
+from custom_components.data import PrepareImageTarget
 from custom_components.losses import TaskGuidedGANLoss
 
 
@@ -30,38 +31,6 @@ class TGBGANKeys(StrEnum):
     AGE = "age"
     PRED_AGE = "pred_age"
     LOSSES = "losses"
-
-
-class PrepareImageAgeBatch(PrepareBatch):
-    """Take the image and the age out of a dict batch and move them to the device.
-
-    Images come back as plain tensors (MetaTensor metadata is not needed for training, and plain tensors
-    keep the double-backward of the gradient penalty simple). Ages come back as float32, shape (B, 1), the
-    regressor's output shape; they are None when the batch has no ``age_key`` (enough for the ablation).
-    """
-
-    def __init__(self, image_key: str = "image", age_key: str = "age") -> None:
-        self.image_key = image_key
-        self.age_key = age_key
-
-    def __call__(
-        self,
-        batchdata: Mapping[str, Any],
-        device: str | torch.device | None = None,
-        non_blocking: bool = False,
-        **kwargs: Any,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if not isinstance(batchdata, Mapping) or self.image_key not in batchdata:
-            found = sorted(batchdata) if isinstance(batchdata, Mapping) else type(batchdata).__name__
-            raise KeyError(f"expected a dict batch with key '{self.image_key}', got {found}")
-        image = convert_to_tensor(batchdata[self.image_key], track_meta=False)
-        image = image.to(device=device, non_blocking=non_blocking, **kwargs)
-        if self.age_key not in batchdata:
-            return image, None
-        age = convert_to_tensor(batchdata[self.age_key], dtype=torch.float32, wrap_sequence=True, track_meta=False)
-        if age.numel() != image.shape[0]:
-            raise ValueError(f"expected one '{self.age_key}' per image: {age.numel()} ages for {image.shape[0]} images")
-        return image, age.reshape(-1, 1).to(device=device, non_blocking=non_blocking)
 
 
 @contextmanager
@@ -114,7 +83,7 @@ class TaskGuidedGANTrainer(Trainer):
         loss: the task-guided loss; its ``age_weight`` selects TGB-GAN or the ablation.
         d_train_steps: critic updates per iteration.
         grad_clip_norm: when given, clip each optimiser's gradients to this total 2-norm before stepping.
-        prepare_batch: returns ``(images, ages)``; defaults to :class:`PrepareImageAgeBatch` with keys
+        prepare_batch: returns ``(images, ages)``; defaults to :class:`~custom_components.data.PrepareImageTarget` with keys
             ``image`` and ``age``.
     """
 
@@ -164,7 +133,7 @@ class TaskGuidedGANTrainer(Trainer):
             data_loader=train_data_loader,
             epoch_length=epoch_length,
             non_blocking=non_blocking,
-            prepare_batch=PrepareImageAgeBatch() if prepare_batch is None else prepare_batch,
+            prepare_batch=PrepareImageTarget("age", required=False) if prepare_batch is None else prepare_batch,
             iteration_update=iteration_update,
             postprocessing=postprocessing,
             key_metric=key_train_metric,

@@ -9,7 +9,8 @@ from monai.bundle import ConfigParser
 from monai.data import DataLoader, Dataset, MetaTensor
 from monai.handlers import CheckpointSaver, LrScheduleHandler, StatsHandler
 
-from custom_components.engines import PrepareImageAgeBatch, TaskGuidedGANTrainer, TGBGANKeys
+from custom_components.data import PrepareImageTarget
+from custom_components.engines import TaskGuidedGANTrainer, TGBGANKeys
 from custom_components.losses import TaskGuidedGANLoss
 from custom_components.networks.tgb_gan import ResidualAgeRegressor, TGBGenerator, WGANCritic
 
@@ -228,7 +229,7 @@ def test_trainer_builds_from_a_bundle_config_and_the_ablation_is_a_command_line_
             "device": "cpu", "max_epochs": 1, "train_data_loader": "@loader",
             "generator": "@generator", "critic": "@critic", "regressor": "@regressor",
             "g_optimizer": "@g_optimizer", "d_optimizer": "@d_optimizer", "loss": "@loss", "d_train_steps": 2,
-            "prepare_batch": {"_target_": "custom_components.engines.PrepareImageAgeBatch", "age_key": "age"},
+            "prepare_batch": {"_target_": "custom_components.data.PrepareImageTarget", "target_key": "age"},
             "train_handlers": [{"_target_": "StatsHandler", "output_transform": "$lambda x: x['losses']"}],
         },
     }
@@ -241,7 +242,7 @@ def test_trainer_builds_from_a_bundle_config_and_the_ablation_is_a_command_line_
 
 
 def test_prepare_batch_returns_plain_image_and_column_of_ages():
-    prepare = PrepareImageAgeBatch(image_key="img", age_key="years")
+    prepare = PrepareImageTarget(image_key="img", target_key="years", required=False)
     image, age = prepare({"img": MetaTensor(torch.zeros(2, 1, 2, 2, 2)), "years": [30, 40.5]}, "cpu")
     assert type(image) is torch.Tensor
     assert age.dtype == torch.float32 and age.tolist() == [[30.0], [40.5]]
@@ -250,3 +251,5 @@ def test_prepare_batch_returns_plain_image_and_column_of_ages():
         prepare({"image": torch.zeros(1)})
     with pytest.raises(ValueError, match="one 'years' per image"):
         prepare({"img": torch.zeros(2, 1, 2, 2, 2), "years": [1.0]})
+    with pytest.raises(KeyError, match="no 'label' entry"):
+        PrepareImageTarget("label")({"image": torch.zeros(1, 1, 2, 2, 2), "age": [50.0]})
