@@ -113,8 +113,18 @@ EXPECTED_REASONS = {"four_d": "3 volumes", "two_d": "not a 3D volume", "nan_voxe
 
 
 @pytest.mark.slow
+def _not_a_brain(folder):
+    """A readable 3D volume that is no head: a bright cube. It registers, badly (correlation about 0.34)."""
+    cube = np.zeros((60, 60, 60), np.float32)
+    cube[10:50, 10:50, 10:50] = 100.0
+    cube += np.random.default_rng(0).uniform(0, 5, cube.shape).astype(np.float32)
+    path = folder / "not_a_brain.nii.gz"
+    nib.save(nib.Nifti1Image(cube, np.diag([3.0, 3.0, 3.0, 1.0])), path)
+    return path
+
+
 def test_bad_inputs_fail_alone_and_the_command_exits_non_zero(ixi_sample, tmp_path, capsys):
-    files = _bad_inputs(tmp_path)
+    files = {**_bad_inputs(tmp_path), "not_a_brain": _not_a_brain(tmp_path)}
     good = "IXI015-HH-1258"
     datalist = _datalist(tmp_path / "raw.json", {good: ixi_sample / f"{good}_T1.nii.gz", **files})
     out = tmp_path / "out"
@@ -126,14 +136,14 @@ def test_bad_inputs_fail_alone_and_the_command_exits_non_zero(ixi_sample, tmp_pa
     assert exit_info.value.code == 1
     failures = pd.read_csv(out / "failures.csv").set_index("subject")
     assert sorted(failures.index) == sorted(files)
-    for name, reason in EXPECTED_REASONS.items():
+    for name, reason in {**EXPECTED_REASONS, "not_a_brain": "registration failed: correlation"}.items():
         assert reason in failures.loc[name, "reason"]
         assert failures.loc[name, "file"] == str(files[name])
     assert nib.load(out / "images" / f"{good}.nii.gz").shape == canonical_grid(RESOLUTION).shape
     kept = [rec["subject"] for recs in read_datalist(out / "datalist.json").values() for rec in recs]
     assert kept == [good]
     printed = capsys.readouterr().out
-    assert "1 scan(s) processed" in printed and "5 failed" in printed and "FAILED two_d" in printed
+    assert "1 scan(s) processed" in printed and "6 failed" in printed and "FAILED two_d" in printed
 
 
 def test_worker_processes_record_failures(tmp_path):
