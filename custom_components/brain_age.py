@@ -12,6 +12,12 @@ import torch
 from torch import nn
 
 
+def pearson_r(a, b) -> float:
+    """Pearson correlation of two equal-length arrays; NaN when either does not vary."""
+    a, b = np.asarray(a, float).ravel(), np.asarray(b, float).ravel()
+    return float(np.corrcoef(a, b)[0, 1]) if a.size > 1 and a.std() > 0 and b.std() > 0 else float("nan")
+
+
 def brain_age_metrics(predicted, age) -> dict[str, float]:
     """MAE, RMSE, Pearson r and R^2 (coefficient of determination) of predicted vs chronological age."""
     predicted, age = np.asarray(predicted, float).ravel(), np.asarray(age, float).ravel()
@@ -19,12 +25,11 @@ def brain_age_metrics(predicted, age) -> dict[str, float]:
         raise ValueError(f"need equal, non-empty predicted and age arrays, got {predicted.shape} and {age.shape}")
     err = predicted - age
     ss_tot = float(((age - age.mean()) ** 2).sum())
-    both_vary = predicted.std() > 0 and age.std() > 0
     return {
         "n": int(age.size),
         "mae": float(np.abs(err).mean()),
         "rmse": float(np.sqrt((err**2).mean())),
-        "pearson_r": float(np.corrcoef(predicted, age)[0, 1]) if both_vary else float("nan"),
+        "pearson_r": pearson_r(predicted, age),
         "r2": 1.0 - float((err**2).sum()) / ss_tot if ss_tot > 0 else float("nan"),
         "mean_gap": float(err.mean()),
     }

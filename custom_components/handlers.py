@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from pathlib import Path
 
 import ignite.distributed as idist
@@ -13,7 +12,9 @@ import torch
 from ignite.engine import Engine, Events
 from monai.utils import evenly_divisible_all_gather, string_list_all_gather
 
-from .brain_age import BiasCorrection, brain_age_metrics
+from data_prep.volumes import atomic_path
+
+from .brain_age import BiasCorrection, brain_age_metrics, pearson_r
 from .plots import plot_gap_vs_age, plot_predicted_vs_true, plot_slice_weights
 
 
@@ -81,7 +82,7 @@ class BrainAgeReport(EpochCollector):
         corrected = self.bias_correction.corrected_gap(preds, ages)
         metrics = brain_age_metrics(preds[known], ages[known]) if known.any() else {"n": 0}
         if known.any():
-            metrics["corrected_gap_age_r"] = _safe_corr(corrected[known], ages[known])
+            metrics["corrected_gap_age_r"] = pearson_r(corrected[known], ages[known])
             for key in ("rmse", "pearson_r", "r2"):
                 engine.state.metrics[f"{self.prefix}{key}"] = metrics[key]
         if idist.get_rank() == 0:
@@ -100,10 +101,6 @@ class BrainAgeReport(EpochCollector):
             plot_gap_vs_age(ages[known], gap[known], corrected[known], self.output_dir / f"{self.prefix}gap_vs_age.png")
 
 
-def _safe_corr(a, b) -> float:
-    return float(np.corrcoef(a, b)[0, 1]) if a.size > 1 and a.std() > 0 and b.std() > 0 else float("nan")
-
-
 def _fmt(value: float) -> str:
     return "" if not np.isfinite(value) else f"{value:.3f}"
 
@@ -115,10 +112,8 @@ def _write_csv(handle, rows) -> None:
 
 
 def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.part")
-    with open(tmp, "w", newline="") as handle:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
         write(handle)
-    os.replace(tmp, path)
 
 
 class SliceAttentionReport(EpochCollector):
