@@ -14,10 +14,15 @@ Two modes, both drawing every random choice from ``numpy.random.default_rng(seed
 affine of the real volumes, and ``<output_dir>/synthetic/datalist.json`` whose ``training`` split holds the
 real and the synthetic records (``{"image", "age", "subject", "synthetic"}``: one schema for both, so that
 they collate in one batch) and whose other splits are the input datalist's, unchanged.
+
+Synthesis resumes: every file is written atomically, and a re-run of the same plan (same codes and
+settings, recognised by a fingerprint in ``images/plan.json``) decodes only the volumes not yet written.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,10 +35,12 @@ from torch import nn
 from tqdm import tqdm
 
 from data_prep.datalist import read_datalist, write_datalist
-from data_prep.volumes import save_nifti
+from data_prep.validate import remove_partial_writes
+from data_prep.volumes import atomic_path, save_nifti
 
 MODES = ("bin_top_up", "traversal")
 SYNTHETIC_PREFIX = "syn_"
+PLAN_FILE = "plan.json"
 
 
 @dataclass(frozen=True)
@@ -103,7 +110,7 @@ class InterpolationPlan:
     weight: np.ndarray
     age: np.ndarray
 
-    def codes(self, latents: LatentSet, index: slice) -> torch.Tensor:
+    def codes(self, latents: LatentSet, index: slice | np.ndarray) -> torch.Tensor:
         w = torch.as_tensor(self.weight[index], dtype=torch.float32).reshape(-1, 1, 1, 1, 1)
         return w * latents.codes[self.first[index]] + (1 - w) * latents.codes[self.second[index]]
 
@@ -121,7 +128,7 @@ class TraversalPlan:
     age: np.ndarray
     step: torch.Tensor
 
-    def codes(self, latents: LatentSet, index: slice) -> torch.Tensor:
+    def codes(self, latents: LatentSet, index: slice | np.ndarray) -> torch.Tensor:
         shift = torch.as_tensor(self.shift[index], dtype=torch.float32).reshape(-1, 1, 1, 1, 1)
         return latents.codes[self.source[index]] + shift * self.step
 
@@ -267,24 +274,44 @@ def decode_plan(generator: nn.Module, plan, latents: LatentSet, image_dir: Path,
                 device: str | torch.device = "cpu", progress: bool = True) -> tuple[list[dict], dict]:
     """Decode the plan in batches and write one NIfTI per sample; return the records and their provenance.
 
-    Earlier ``syn_*.nii.gz`` files in ``image_dir`` are removed first, so the folder matches the datalist.
+    Resumable: volumes of this plan already in ``image_dir`` (same ``plan_fingerprint`` in its plan.json)
+    are kept and not decoded again. Volumes of another plan and temporary files of a killed write are
+    removed first, so the folder matches the datalist.
     """
     image_dir.mkdir(parents=True, exist_ok=True)
-    for stale in image_dir.glob(f"{SYNTHETIC_PREFIX}*.nii.gz"):
-        stale.unlink()
-    generator.eval()
-    records, provenance = [], {}
+    remove_partial_writes(image_dir)
     n = len(plan.age)
+    names = [f"{SYNTHETIC_PREFIX}{i:04d}" for i in range(n)]
+    manifest, fingerprint = image_dir / PLAN_FILE, plan_fingerprint(plan, latents)
+    same_plan = manifest.is_file() and json.loads(manifest.read_text()).get("fingerprint") == fingerprint
+    keep = set(names) if same_plan else set()
+    for stale in image_dir.glob(f"{SYNTHETIC_PREFIX}*.nii.gz"):
+        if stale.name.split(".nii")[0] not in keep:
+            stale.unlink()
+    if not same_plan:
+        with atomic_path(manifest) as tmp:
+            tmp.write_text(json.dumps({"fingerprint": fingerprint, "n": n}) + "\n")
+    todo = np.array([i for i, name in enumerate(names) if not (image_dir / f"{name}.nii.gz").is_file()], dtype=np.int64)
+    generator.eval()
     with torch.no_grad():
-        for start in tqdm(range(0, n, batch_size), desc="decode", unit="batch", disable=not progress):
-            index = slice(start, min(start + batch_size, n))
+        for start in tqdm(range(0, todo.size, batch_size), desc="decode", unit="batch", disable=not progress):
+            index = todo[start:start + batch_size]
             volumes = generator.decode(plan.codes(latents, index).to(device)).float().cpu().numpy()
-            for i, volume in zip(range(index.start, index.stop), volumes):
-                name = f"{SYNTHETIC_PREFIX}{i:04d}"
-                path = save_nifti(volume[0], latents.affine, image_dir / f"{name}.nii.gz")
-                records.append({"image": str(path), "age": float(plan.age[i]), "subject": name, "synthetic": True})
-                provenance[name] = plan.provenance(i, latents)
-    return records, provenance
+            for i, volume in zip(index, volumes):
+                save_nifti(volume[0], latents.affine, image_dir / f"{names[i]}.nii.gz")
+    records = [{"image": str(image_dir / f"{name}.nii.gz"), "age": float(plan.age[i]), "subject": name,
+                "synthetic": True} for i, name in enumerate(names)]
+    return records, {name: plan.provenance(i, latents) for i, name in enumerate(names)}
+
+
+def plan_fingerprint(plan, latents: LatentSet) -> str:
+    """SHA-256 of the plan's samples and of the latent codes and affine they are decoded from."""
+    digest = hashlib.sha256(type(plan).__name__.encode())
+    for value in [*(getattr(plan, f.name) for f in dataclasses.fields(plan)), latents.codes, latents.affine]:
+        array = value.numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+        digest.update(str((array.dtype, array.shape)).encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
 
 
 def synthesise(generator: nn.Module, latents: LatentSet, datalist_file: str, output_dir: str,

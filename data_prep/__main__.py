@@ -18,6 +18,7 @@ COMMANDS = {
     "ingest-csv": ("data_prep.ingest", "ingest_csv", "any CSV/TSV of image paths and ages -> datalist JSON"),
     "preprocess": ("data_prep.preprocess", "preprocess_command", "raw T1 heads -> brain volumes on the canonical grid"),
     "simulate-cohort": ("data_prep.simulate", "simulate_cohort", "simulated ageing cohort on MNI152 anatomy"),
+    "validate": ("data_prep.validate", "validate_command", "check a datalist and its images before a run; lists every problem"),
     "demo": ("data_prep.demo", "run_demo", "the main job end to end on the simulated cohort"),
 }
 

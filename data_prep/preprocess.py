@@ -20,7 +20,9 @@ A batch (``preprocess_datalist``) runs scans in worker processes and writes, und
 ``datalist.json`` (the input's splits, images replaced by the preprocessed volumes, failed scans left
 out). ``<scan>`` is the subject id, or ``<subject>_<image file stem>`` for subjects with several scans.
 A scan counts as done when its volume exists; the volume is written last and atomically, so a crash
-never leaves a half-written one and a re-run redoes exactly the unfinished scans.
+never leaves a half-written one and a re-run redoes exactly the unfinished scans (and removes the
+temporary files of writes that were killed). An output folder that cannot be written, or whose disk is
+nearly full, is refused before any scan starts.
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ from .datalist import read_datalist, write_datalist
 from .grid import Grid, canonical_grid, resample_to_grid
 from .qc import normalised_correlation, save_qc_picture
 from .registration import RegistrationError, correct_bias, register_to_template, use_itk_threads, voxel_sizes
+from .validate import check_output_dir, remove_partial_writes
 from .volumes import InputError, atomic_path, load_volume, normalise_intensity, save_nifti
 
 BRAIN_MARGIN_MM = 2.0
@@ -163,6 +166,9 @@ def preprocess_datalist(datalist: str | os.PathLike, out_dir: str | os.PathLike,
     out_dir = Path(out_dir)
     _check_options(resolution, dtype, workers)
     splits = _read_splits(datalist)
+    check_output_dir(out_dir)
+    for folder in (out_dir, out_dir / "images", out_dir / "qc"):
+        remove_partial_writes(folder)  # temporary files of writes that were killed
     jobs = _scan_jobs(splits, out_dir, float(resolution), dtype)
     finished = [job for job in jobs.values() if _is_done(job)]
     todo = [job for job in jobs.values() if job not in finished]

@@ -37,6 +37,7 @@ from scipy import ndimage as ndi
 from tqdm import tqdm
 
 from .anatomy import Anatomy, template_anatomy
+from .validate import check_output_dir
 from .effects import (AD_SEVERITY_RANGE, DISPLACEMENT_SD_MM, Lattice, Site, SubjectFields, SubjectParams,
                       coarse_lattice, draw_fields, draw_site, draw_subject, lesion_load, rician, template_points,
                       tissue_image, undo_pose, upsample, ventricle_expansion, world_to_voxel)
@@ -138,7 +139,7 @@ def simulate_cohort(n: int = 400, out: str = "runs/cohort", resolution: float = 
                           n_sites=n_sites, lesions=bool(lesions)).check()
     if not isinstance(raw_variants, int) or not 0 <= raw_variants <= n:
         raise InputError(f"simulate-cohort: raw_variants must be an integer in [0, n], got {raw_variants!r}")
-    out = _prepare_output(Path(out))
+    out = _prepare_output(check_output_dir(out))
     anatomy = template_anatomy(config.resolution)
     rows, raw_rows = [], []
     for subject in tqdm(simulate_subjects(config, anatomy), total=n, desc="simulate-cohort", unit="subject",

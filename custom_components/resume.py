@@ -1,0 +1,124 @@
+"""Crash-safe training: a per-epoch checkpoint of everything a run needs to go on, reloaded on restart.
+
+MONAI's CheckpointSaver writes its final checkpoint on completion or on a Python exception, not when the
+process is killed (SIGKILL, out of memory, a pre-empted GPU job). ``TrainingResume`` writes
+``<save_dir>/checkpoint_resume.pt`` atomically at the end of every ``save_interval``-th epoch and, when
+``resume`` is true and the file exists, loads it when the trainer starts, so re-running the same command
+goes on from the last finished epoch and ends at ``max_epochs``.
+
+The file holds state dicts and plain values only (loadable with ``weights_only=True``): every object of
+``save_dict`` (networks, optimisers, schedulers, the trainer's epoch and iteration), each evaluator's best
+metric and its epoch, and the trainer's (not part of an ignite engine's state dict), the best-model list of each key-metric
+CheckpointSaver among ``best_model_savers`` (else the first validation after a restart would overwrite
+``model.pt`` whatever its score), and the torch, NumPy and Python random states, so that a resumed run
+without random transforms draws the same batches as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from monai.handlers import CheckpointSaver
+
+from custom_components.options import as_bool
+from custom_components.validation import load_checkpoint, unwrap
+from data_prep.validate import remove_partial_writes
+from data_prep.volumes import atomic_path
+
+logger = logging.getLogger(__name__)
+RESUME_KEY = "resume_state"
+
+
+class TrainingResume:
+    """Per-epoch resume checkpoint of a trainer (see the module docstring).
+
+    Args:
+        save_dir: folder of the checkpoint (the bundle's ``models``).
+        save_dict: name -> object with ``state_dict``/``load_state_dict`` (the final CheckpointSaver's).
+        engines: name -> MONAI engine (evaluator, trainer) whose ``best_metric`` and ``best_metric_epoch`` are kept.
+        best_model_savers: handlers of the evaluators; the key-metric CheckpointSavers among them are kept.
+        resume: load the checkpoint when it exists (true/false, also as text from the command line).
+        filename: checkpoint file name.
+        save_interval: write every this many epochs.
+        save: write at all (false on the non-zero ranks of a multi-GPU run, which only load).
+        map_location: where tensors are loaded.
+    """
+
+    def __init__(self, save_dir: str, save_dict: Mapping[str, object], engines: Mapping[str, Engine] | None = None,
+                 best_model_savers: Sequence[object] = (), resume=True, filename: str = "checkpoint_resume.pt",
+                 save_interval: int = 1, save=True, map_location=None) -> None:
+        if int(save_interval) < 1:
+            raise ValueError(f"save_interval must be >= 1, got {save_interval}")
+        if RESUME_KEY in save_dict:
+            raise ValueError(f"'{RESUME_KEY}' is reserved in save_dict")
+        self.path = Path(save_dir) / filename
+        self.save_dict = dict(save_dict)
+        self.engines = dict(engines or {})
+        self.savers = [s for s in best_model_savers
+                       if isinstance(s, CheckpointSaver) and s._key_metric_checkpoint is not None]
+        self.resume = as_bool(resume, "resume")
+        self.save_interval = int(save_interval)
+        self.save = as_bool(save, "save")
+        self.map_location = map_location
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.load)
+        if self.save:
+            engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), self.write)
+
+    def state(self) -> dict:
+        """The checkpoint's content: state dicts, best metrics, best-model lists, random states."""
+        content = {name: unwrap(obj).state_dict() for name, obj in self.save_dict.items()}
+        numpy_state = np.random.get_state()
+        content[RESUME_KEY] = {
+            "engines": {name: {"best_metric": float(e.state.best_metric), "best_metric_epoch": int(e.state.best_metric_epoch)}
+                        for name, e in self.engines.items()},
+            # MONAI's CheckpointSaver keeps its key-metric ignite Checkpoint private; its list is plain
+            # (score, file name) pairs and CheckpointSaver.load_state_dict restores it
+            "best_model_savers": [dict(s._key_metric_checkpoint.state_dict()) for s in self.savers],
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy_rng": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
+            "python_rng": random.getstate(),
+        }
+        return content
+
+    def write(self, engine: Engine) -> Path:
+        """Write the checkpoint atomically (a kill mid-write leaves the previous one intact)."""
+        with atomic_path(self.path) as tmp:
+            torch.save(self.state(), tmp)
+        return self.path
+
+    def load(self, engine: Engine) -> bool:
+        """Restore everything from the checkpoint when ``resume`` is on and it exists; True when restored."""
+        remove_partial_writes(self.path.parent)  # temporary files of a write that was killed
+        if not self.resume or not self.path.is_file():
+            return False
+        max_epochs = engine.state.max_epochs
+        content = load_checkpoint(self.path, self.save_dict, self.map_location, also_required=(RESUME_KEY,))
+        extra = content[RESUME_KEY]
+        for name, best in extra["engines"].items():
+            if name in self.engines:
+                self.engines[name].state.best_metric = best["best_metric"]
+                self.engines[name].state.best_metric_epoch = best["best_metric_epoch"]
+        for saver, saved in zip(self.savers, extra["best_model_savers"]):
+            saver.load_state_dict(saved)
+        torch.set_rng_state(extra["torch_rng"].cpu())
+        if torch.cuda.is_available() and len(extra["cuda_rng"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([state.cpu() for state in extra["cuda_rng"]])
+        numpy_rng = extra["numpy_rng"]
+        np.random.set_state((numpy_rng[0], numpy_rng[1].cpu().numpy().astype(np.uint32), *numpy_rng[2:]))
+        random.setstate(extra["python_rng"])
+        if max_epochs is not None:
+            if engine.state.epoch > max_epochs:
+                raise ValueError(f"{self.path} is at epoch {engine.state.epoch}, beyond max_epochs {max_epochs}; "
+                                 "raise max_epochs to train on, or set resume to false to start afresh")
+            engine.state.max_epochs = max_epochs  # the command's max_epochs, not the checkpoint's
+        logger.info(f"resumed from {self.path}: epoch {engine.state.epoch}, iteration {engine.state.iteration}")
+        return True
+

@@ -1,0 +1,180 @@
+"""Bundle-side checks before a run: inputs and output folders (through ``data_prep.validate``), checkpoints
+(weights only, with keys and shapes that fit the configured networks), and clean error messages.
+
+``python -m monai.bundle run`` wraps every error of a config expression in "Failed to evaluate ..." and
+prints the whole traceback. ``check_bundle_inputs`` (the ``initialize`` step of the configs) installs
+``clean_excepthook``: an uncaught error whose cause is an InputError, or a bad argument of a component
+the config builds (unknown encoder or aggregation name, unusable pretrained weights), is printed as one
+``error: ...`` message without the traceback (``BRAINAGE_TRACEBACK=1`` shows it).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from ignite.handlers import Checkpoint
+from torch import nn
+
+from data_prep.validate import ValidationReport, check_output_dir, validate_datalist, validate_records
+from data_prep.volumes import InputError
+
+logger = logging.getLogger(__name__)
+TRACEBACK_ENV = "BRAINAGE_TRACEBACK"
+_BUILD_ERROR = re.compile(r"Failed to instantiate component '([^']+)'")
+
+
+def check_bundle_inputs(data, splits: Sequence[str] | None = None, target_key: str | None = None,
+                        image_size: Sequence[int] | None = None, on_shape_mismatch: str = "refuse",
+                        output_dirs: Sequence[str] = (), min_free_mb: float = 200) -> ValidationReport:
+    """The ``initialize`` check of a bundle run: output folders writable with ``min_free_mb`` MiB free, then
+    the datalist file ``data`` (its ``splits``) or the list of records ``data``, every image included.
+
+    Raises InputError listing every problem; logs the notes (reoriented or resized images).
+    """
+    report_errors_cleanly()
+    for folder in output_dirs:
+        check_output_dir(folder, min_free_mb)
+    options = dict(target_key=target_key, image_size=image_size, on_shape_mismatch=on_shape_mismatch)
+    if isinstance(data, (str, os.PathLike)):
+        report = validate_datalist(data, splits, **options)
+    else:
+        report = validate_records(data, "input images", **options)
+    for note in report.notes:
+        logger.info(note)
+    logger.info(str(report).splitlines()[0])
+    return report
+
+
+def load_weights(path: str | os.PathLike, map_location=None):
+    """``torch.load(path, weights_only=True)`` with errors that name the file: a file holding pickled
+    Python objects (anything but tensors and plain containers) is refused, never unpickled."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights only" in str(err).lower():
+            raise InputError(f"{path}: refused: the file holds pickled Python objects, not only tensors; "
+                             "checkpoints are loaded with weights_only=True and never unpickled") from None
+        raise InputError(f"{path}: not a PyTorch checkpoint ({err})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise InputError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from None
+
+
+def check_checkpoint(path: str | os.PathLike, load_dict: Mapping[str, object], map_location=None) -> dict:
+    """Load ``path`` (weights only) and check it holds an entry for every object of ``load_dict`` and that
+    each network's tensors have the names and shapes of the configured network; return the checkpoint.
+
+    As ``ignite.handlers.Checkpoint.load_objects``, a ``load_dict`` of one object also accepts a file that
+    is that object's state dict. Raises InputError naming the file, the entry and every mismatch.
+    """
+    checkpoint = load_weights(path, map_location)
+    if not isinstance(checkpoint, Mapping):
+        raise InputError(f"{path}: holds a {type(checkpoint).__name__}, not a dict of state dicts")
+    names = list(load_dict)
+    if len(names) == 1 and names[0] not in checkpoint:
+        checkpoint = {names[0]: checkpoint}
+    missing = [name for name in names if name not in checkpoint]
+    if missing:
+        raise InputError(f"{path}: has no {', '.join(map(repr, missing))} entry (it holds {_listing(checkpoint)}); "
+                         "it is not a checkpoint of this bundle and configuration")
+    problems = [p for name in names for p in _fit_problems(name, checkpoint[name], unwrap(load_dict[name]))]
+    if problems:
+        raise InputError(f"{path} does not fit the configured networks (was it trained with other settings or "
+                         "by the other bundle?):\n" + "\n".join(f"  - {p}" for p in problems))
+    return dict(checkpoint)
+
+
+def load_checkpoint(path: str | os.PathLike, load_dict: Mapping[str, object], map_location=None,
+                    also_required: Sequence[str] = ()) -> dict:
+    """``check_checkpoint`` (with the plain entries ``also_required`` present too), then load every entry of
+    ``load_dict`` into its object (networks unwrapped from DDP); return the checkpoint."""
+    checkpoint = check_checkpoint(path, {**load_dict, **{name: {} for name in also_required}}, map_location)
+    Checkpoint.load_objects(to_load={k: unwrap(v) for k, v in load_dict.items()}, checkpoint=checkpoint)
+    return checkpoint
+
+
+def _fit_problems(name: str, state, target) -> list[str]:
+    if not isinstance(target, nn.Module):
+        return [] if isinstance(state, Mapping) else [f"{name}: a {type(state).__name__}, not a state dict"]
+    if not isinstance(state, Mapping):
+        return [f"{name}: a {type(state).__name__}, not a state dict of tensors"]
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        return [f"{name}: the file holds {_listing(state)}, not the network's tensors"]
+    expected = target.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    problems = []
+    if missing and len(missing) == len(expected):
+        return [f"{name}: none of the network's {len(expected)} tensors is in the file (it holds {_listing(state)})"]
+    if missing:
+        problems.append(f"{name}: missing {_listing(missing)}")
+    if unexpected:
+        problems.append(f"{name}: unexpected {_listing(unexpected)}")
+    for key in sorted(set(state) & set(expected)):
+        if state[key].shape != expected[key].shape:
+            line = f"{name}: {key} has shape {tuple(state[key].shape)} in the file, {tuple(expected[key].shape)} here"
+            if key.startswith("position."):
+                line += (f" (the position embedding has one row per slice: trained with {state[key].shape[0]} slices,"
+                         f" this config gives {expected[key].shape[0]}; check image_size and slice_axis)")
+            problems.append(line)
+    return problems
+
+
+def _listing(keys, limit: int = 6) -> str:
+    keys = [str(k) for k in keys]
+    shown = ", ".join(keys[:limit])
+    return f"{shown}, ... ({len(keys)} in all)" if len(keys) > limit else shown or "nothing"
+
+
+def unwrap(obj):
+    """The network inside a (Distributed)DataParallel wrapper; any other object as it is."""
+    return obj.module if isinstance(obj, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else obj
+
+
+# ------------------------------------------------------------------------------------------ clean errors
+
+
+def user_error_message(error: BaseException) -> str | None:
+    """The message to show instead of a traceback: the InputError in ``error``'s chain of causes, or the
+    innermost ValueError/TypeError/FileNotFoundError of a component the config failed to build; else None."""
+    chain, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    for item in chain:
+        if isinstance(item, InputError):
+            return str(item)
+    built = [m.group(1) for item in chain if (m := _BUILD_ERROR.search(str(item)))]
+    if built and isinstance(chain[-1], (ValueError, TypeError, FileNotFoundError)):
+        return f"{chain[-1]} (while building {built[-1]})"
+    return None
+
+
+def clean_excepthook(kind, value, traceback, fallback=sys.__excepthook__) -> None:
+    """``sys.excepthook`` that prints user errors (``user_error_message``) as one message."""
+    message = user_error_message(value)
+    if message is None or os.environ.get(TRACEBACK_ENV):
+        fallback(kind, value, traceback)
+        return
+    print(f"error: {message}\n({TRACEBACK_ENV}=1 shows the full traceback)", file=sys.stderr)
+
+
+def report_errors_cleanly() -> None:
+    """Install ``clean_excepthook`` for this process, in front of the current hook (once)."""
+    if getattr(sys.excepthook, "__wrapped__", None) is clean_excepthook:
+        return
+    previous = sys.excepthook
+
+    def hook(kind, value, traceback):
+        clean_excepthook(kind, value, traceback, fallback=previous)
+
+    hook.__wrapped__ = clean_excepthook
+    sys.excepthook = hook

@@ -1,0 +1,316 @@
+"""Up-front checks of a run's inputs and outputs, so that a long run does not fail hours in.
+
+``validate_datalist`` (and ``validate_records`` for a plain list of records) checks, in one pass:
+
+- the datalist: readable JSON, the requested splits present, non-empty and lists of records;
+- every record: an ``image`` key, the target (``age`` or ``label``) present when required and a finite
+  number (``age`` >= 0, ``label`` 0 or 1; values are type-checked, never evaluated), the image inside the
+  dataset folder when one is given, no subject twice in a split nor in two splits;
+- every image: a readable 3D NIfTI (not truncated, one volume, no NaN/Inf, not constant; the voxel
+  checks of ``volumes.load_volume``), integer or float voxels, an axis-aligned affine with isotropic
+  voxels, and a shape (after reorientation to RAS, as the bundles load it) equal to the model's
+  ``image_size`` unless ``on_shape_mismatch="resample"``.
+
+All problems are collected and raised as one InputError, one line per problem naming the split, row and
+file. Harmless findings (an image stored in another orientation, one that will be resized) are returned
+as notes. ``check_output_dir`` fails early on an output folder that cannot be created or written, or
+whose disk is nearly full. CLI: ``python -m data_prep validate --datalist D``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from .volumes import InputError, load_volume
+
+SHAPE_POLICIES = ("refuse", "resample")
+TARGET_KEYS = ("age", "label")
+MIN_FREE_MB = 200
+MAX_LISTED = 100  # problems listed in one error; the rest are counted
+OBLIQUE_TOLERANCE_DEG = 1.0
+ANISOTROPY_TOLERANCE = 0.01  # relative difference of voxel sizes
+PREPROCESS_HINT = "put it on the canonical grid first (python -m data_prep preprocess)"
+
+
+@dataclass
+class ValidationReport:
+    """What a validation found: problems (fatal), notes (harmless), records checked per split."""
+
+    source: str
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def raise_problems(self) -> ValidationReport:
+        """Raise one InputError listing every problem (the first MAX_LISTED); return self when there is none."""
+        if not self.problems:
+            return self
+        lines = [f"  - {p}" for p in self.problems[:MAX_LISTED]]
+        if len(self.problems) > MAX_LISTED:
+            lines.append(f"  ... and {len(self.problems) - MAX_LISTED} more")
+        raise InputError(f"{self.source}: {len(self.problems)} problem(s) found before the run started:\n"
+                         + "\n".join(lines))
+
+    def __str__(self) -> str:
+        listed = ", ".join(f"{name} {n}" for name, n in self.counts.items())
+        lines = [f"{self.source}: OK ({listed} records; {len(self.problems)} problems)"]
+        lines += [f"  note: {n}" for n in self.notes[:MAX_LISTED]]
+        return "\n".join(lines)
+
+
+def validate_datalist(datalist: str | os.PathLike, splits: Sequence[str] | None = None,
+                      target_key: str | None = "age", image_size: Sequence[int] | None = None,
+                      on_shape_mismatch: str = "refuse", dataset_root: str | os.PathLike | None = None,
+                      check_voxels: bool = True) -> ValidationReport:
+    """Check a datalist JSON and every image it lists (module docstring); raise InputError listing all problems.
+
+    ``splits``: the splits a run reads (all list-valued top-level keys when None). Relative image paths
+    are read from the datalist's folder, as ``monai.data.load_decathlon_datalist`` does.
+    """
+    path = Path(datalist)
+    report = ValidationReport(str(path))
+    content = _read_json(path)
+    if not isinstance(content, dict):
+        raise InputError(f"{path}: a datalist is a JSON object of splits, not a {type(content).__name__}")
+    found = [key for key, value in content.items() if isinstance(value, list)]
+    wanted = list(found if splits is None else _names(splits))
+    records: dict[str, list] = {}
+    for split in wanted:
+        if split not in content:
+            report.problems.append(f"no '{split}' split (the datalist has: {', '.join(content) or 'nothing'})")
+        elif not isinstance(content[split], list):
+            report.problems.append(f"split '{split}' is a {type(content[split]).__name__}, not a list of records")
+        elif not content[split]:
+            report.problems.append(f"split '{split}' is empty")
+        else:
+            records[split] = content[split]
+    _check_splits(records, report, path.resolve().parent, target_key, image_size, on_shape_mismatch,
+                  dataset_root, check_voxels)
+    return report.raise_problems()
+
+
+def validate_records(records: Iterable[dict], source: str = "records", target_key: str | None = None,
+                     image_size: Sequence[int] | None = None, on_shape_mismatch: str = "refuse",
+                     dataset_root: str | os.PathLike | None = None, check_voxels: bool = True) -> ValidationReport:
+    """``validate_datalist`` for records already read (e.g. every image of a folder); paths relative to the
+    working directory."""
+    report = ValidationReport(source)
+    records = list(records)
+    if not records:
+        report.problems.append("no records")
+    _check_splits({"records": records} if records else {}, report, Path.cwd(), target_key, image_size,
+                  on_shape_mismatch, dataset_root, check_voxels)
+    return report.raise_problems()
+
+
+def _check_splits(splits: dict[str, list], report: ValidationReport, base: Path, target_key: str | None,
+                  image_size, on_shape_mismatch: str, dataset_root, check_voxels: bool) -> None:
+    if on_shape_mismatch not in SHAPE_POLICIES:
+        raise InputError(f"on_shape_mismatch must be one of {', '.join(SHAPE_POLICIES)}, got {on_shape_mismatch!r}")
+    if target_key is not None and target_key not in TARGET_KEYS:
+        raise InputError(f"target_key must be one of {', '.join(TARGET_KEYS)} (or none), got {target_key!r}")
+    size = None if image_size is None else _image_size(image_size)
+    root = None if dataset_root is None else Path(dataset_root).resolve()
+    seen_in: dict[str, dict[str, int]] = {}  # subject -> {split: first row}
+    checked: dict[Path, tuple[list[str], list[str]]] = {}
+    for split, records in splits.items():
+        report.counts[split] = len(records)
+        for row, record in enumerate(records):
+            where = f"{split}[{row}]"
+            if not isinstance(record, dict):
+                report.problems.append(f"{where}: a record is a JSON object, not {record!r:.60}")
+                continue
+            if "subject" in record:
+                where += f" (subject {record['subject']})"
+            report.problems += [f"{where}: {p}" for p in _record_problems(record, target_key)]
+            if not isinstance(record.get("image"), str):
+                continue
+            image = (base / record["image"]).resolve()
+            if root is not None and not image.is_relative_to(root):
+                report.problems.append(f"{where}: image {record['image']} lies outside the dataset folder {root}")
+                continue
+            if image not in checked:
+                checked[image] = check_image(image, size, on_shape_mismatch, check_voxels)
+            problems, notes = checked[image]
+            report.problems += [f"{where}: {p}" for p in problems]
+            report.notes += notes
+            subject = str(record.get("subject", image))
+            rows = seen_in.setdefault(subject, {})
+            if split in rows:
+                report.problems.append(f"{where}: subject {subject} is listed twice in '{split}' "
+                                       f"(also at {split}[{rows[split]}])")
+            elif rows:
+                other, other_row = next(iter(rows.items()))
+                report.problems.append(f"{where}: subject {subject} is in two splits ('{other}' row {other_row} and "
+                                       f"'{split}'): a subject's scans must all be in one split")
+            rows.setdefault(split, row)
+    report.notes = sorted(set(report.notes))
+
+
+def _record_problems(record: dict, target_key: str | None) -> list[str]:
+    problems = []
+    if "image" not in record:
+        problems.append(f"no 'image' key (keys: {', '.join(map(str, record)) or 'none'})")
+    elif not isinstance(record["image"], str):
+        problems.append(f"image {record['image']!r:.60} is not a file path")
+    if target_key is not None and target_key not in record:
+        problems.append(f"no '{target_key}' key (keys: {', '.join(map(str, record))})")
+    for key in TARGET_KEYS:
+        if key in record:
+            problem = _target_problem(key, record[key])
+            if problem:
+                problems.append(problem)
+    return problems
+
+
+def _target_problem(key: str, value) -> str | None:
+    """Why ``value`` is not a usable ``age`` / ``label``; None when it is. Only types and comparisons: a text
+    value is reported as such, never parsed or evaluated."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"{key} {value!r:.80} is not a number"
+    if not math.isfinite(value):
+        return f"{key} {value} is not a finite number"
+    if key == "age" and value < 0:
+        return f"age {value} is negative"
+    if key == "label" and value not in (0, 1):
+        return f"label {value} is not 0 (cognitively normal) or 1 (Alzheimer's disease)"
+    return None
+
+
+def check_image(path: str | os.PathLike, image_size: Sequence[int] | None = None, on_shape_mismatch: str = "refuse",
+                check_voxels: bool = True) -> tuple[list[str], list[str]]:
+    """Problems and notes of one image file (each naming the file). The header checks read the header
+    only; ``check_voxels`` also decodes the voxels (truncated files, NaN/Inf, constant images)."""
+    path = Path(path)
+    if not path.is_file():
+        return [f"{path}: file not found"], []
+    try:
+        img = nib.load(str(path))  # reads the header only
+    except Exception as err:  # nibabel raises many types for a file that is not an image it knows
+        return [f"{path}: not a readable NIfTI image ({type(err).__name__}: {err})"], []
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        return [f"{path}: a {type(img).__name__}, not a NIfTI image (.nii / .nii.gz)"], []
+    dtype = img.get_data_dtype()
+    if dtype.kind not in "iuf":
+        return [f"{path}: voxel type {dtype} is not supported; integer or float voxels are needed"], []
+    problems, notes = _geometry(path, img, image_size, on_shape_mismatch)
+    if check_voxels and not problems:
+        try:
+            load_volume(path)
+        except InputError as err:
+            problems.append(str(err))
+    return problems, notes
+
+
+def _geometry(path: Path, img, image_size, on_shape_mismatch: str) -> tuple[list[str], list[str]]:
+    shape = img.shape[:3] if len(img.shape) == 4 and img.shape[3] == 1 else img.shape
+    if len(shape) != 3:
+        detail = f"4D image with {shape[3]} volumes" if len(shape) == 4 else f"image of shape {tuple(shape)}"
+        return [f"{path}: {detail}; a single 3D volume is needed"], []
+    axes = img.affine[:3, :3]
+    voxel = np.linalg.norm(axes, axis=0)
+    if not np.isfinite(img.affine).all() or voxel.min() == 0 or abs(np.linalg.det(axes)) < 1e-12:
+        return [f"{path}: the affine (voxel-to-world matrix) is singular or not finite"], []
+    problems, notes = [], []
+    tilt = float(np.degrees(np.arccos(np.clip(np.abs(axes / voxel).max(axis=0).min(), -1.0, 1.0))))
+    if tilt > OBLIQUE_TOLERANCE_DEG:
+        problems.append(f"{path}: oblique voxel axes ({tilt:.1f} degrees from the nearest RAS axes); {PREPROCESS_HINT}")
+    if voxel.max() > voxel.min() * (1 + ANISOTROPY_TOLERANCE):
+        sizes = " x ".join(f"{v:.2f}" for v in voxel)
+        problems.append(f"{path}: anisotropic voxels ({sizes} mm); {PREPROCESS_HINT}")
+    codes = "".join(nib.aff2axcodes(img.affine))
+    if codes != "RAS":
+        notes.append(f"{path}: stored as {codes}, reoriented to RAS when loaded")
+    ras_shape = [0, 0, 0]
+    for axis, (ras_axis, _) in enumerate(nib.orientations.io_orientation(img.affine)):
+        ras_shape[int(ras_axis)] = int(shape[axis])
+    if image_size is not None and tuple(ras_shape) != tuple(image_size):
+        message = (f"{path}: shape {tuple(ras_shape)} (in RAS) differs from the model's image_size "
+                   f"{tuple(image_size)}")
+        if on_shape_mismatch == "refuse":
+            problems.append(f"{message}; set on_shape_mismatch to 'resample' to resize it on loading, or {PREPROCESS_HINT}")
+        else:
+            notes.append(f"{message}; resized on loading (on_shape_mismatch = 'resample')")
+    return problems, notes
+
+
+def check_output_dir(folder: str | os.PathLike, min_free_mb: float = MIN_FREE_MB) -> Path:
+    """Create ``folder`` if needed and check that a file can be written there and that its disk has at
+    least ``min_free_mb`` MiB free; raise InputError naming the folder and the problem otherwise."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise InputError(f"{folder}: output folder cannot be written ({err.strerror or err}); "
+                         "choose another folder or fix its permissions") from None
+    free_mb = shutil.disk_usage(folder).free / 2**20
+    if free_mb < float(min_free_mb):
+        raise InputError(f"{folder}: only {free_mb:.0f} MiB free on its disk, at least {float(min_free_mb):.0f} MiB "
+                         "needed (min_free_mb); free some space or choose another folder")
+    return folder
+
+
+def remove_partial_writes(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that ``volumes.atomic_path`` leaves when its process is killed
+    (``.<name>.<random>.part<suffix>``) in ``folder``; return them."""
+    folder = Path(folder)
+    stale = [p for p in folder.glob(".*.part*") if p.is_file()] if folder.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def validate_command(datalist: str, dataset_dir: str | None = None, image_size=None, on_shape_mismatch: str = "refuse",
+                     target_key: str | None = "age", splits=None, check_voxels: bool = True) -> None:
+    """Check a datalist and every image it lists before a run; list every problem at once.
+
+    Args:
+        datalist: datalist JSON.
+        dataset_dir: dataset folder; images outside it are reported.
+        image_size: the model's grid, e.g. 48,48,48 (images of another shape are reported).
+        on_shape_mismatch: refuse (report other shapes) or resample (the bundle resizes them; a note).
+        target_key: age, label, or none (records need not carry a target).
+        splits: splits to check, e.g. training,validation (default: all).
+        check_voxels: also decode every image (truncated files, NaN/Inf, constant images).
+
+    Exits with status 2 and one line per problem when any is found.
+    """
+    report = validate_datalist(datalist, None if splits is None else _names(splits),
+                               None if str(target_key).lower() in ("none", "") else target_key,
+                               image_size, on_shape_mismatch, dataset_dir, check_voxels)
+    print(report)
+
+
+def _names(value) -> list[str]:
+    return [s.strip() for s in value.split(",")] if isinstance(value, str) else [str(s) for s in value]
+
+
+def _image_size(value) -> tuple[int, int, int]:
+    sizes = _names(value) if isinstance(value, str) else ([value] * 3 if isinstance(value, int) else list(value))
+    try:
+        sizes = [int(s) for s in sizes]
+    except (TypeError, ValueError):
+        sizes = []
+    if len(sizes) != 3 or min(sizes) < 1:
+        raise InputError(f"image_size must be three positive integers (X, Y, Z), got {value!r}")
+    return tuple(sizes)
+
+
+def _read_json(path: Path):
+    if not path.is_file():
+        raise InputError(f"{path}: datalist not found")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: not valid JSON ({err})") from None
