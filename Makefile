@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 DEMO_DIR ?= runs/demo
 PY := $(VENV)/bin/python
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench bundles clean
 
 setup: $(VENV)/.installed
 
@@ -29,5 +29,8 @@ demo: setup
 bench: setup
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
 
+bundles: setup
+	$(PY) -m data_prep package-bundles --out_dir dist
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs dist .pytest_cache

@@ -1,0 +1,178 @@
+"""Packaging for sharing: each bundle zipped in the Model Zoo layout runs its inference.json from an empty
+folder, in a Python that cannot import this repository's packages, and predicts what the repository does.
+
+The weights are a tiny network built from the bundle's own inference config (no training); the inputs are
+three tiny random volumes.
+"""
+from __future__ import annotations
+
+import ast
+import csv
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser, ConfigWorkflow, verify_metadata
+
+from custom_components.brain_age import BiasCorrection
+from data_prep.__main__ import main
+from data_prep.packaging import BUNDLES_DIR, VENDORED, package_bundles
+from data_prep.volumes import save_nifti
+
+SCHEMA = Path(__file__).resolve().parents[3] / "shared" / "monai" / "meta_schema_20240725.json"
+SUBJECTS = ("a", "b", "c")
+
+
+def _predicted_ages(eval_dir: Path) -> dict[str, float]:
+    with open(eval_dir / "inference_predictions.csv", newline="") as handle:
+        return {row["subject"]: float(row["predicted_age"]) for row in csv.DictReader(handle)}
+
+
+def _reconstructions(eval_dir: Path) -> dict[str, np.ndarray]:
+    return {p.name: np.asarray(nib.load(p).dataobj) for p in sorted((eval_dir / "reconstructions").iterdir())}
+
+
+# per bundle: tiny sizes (config overrides), the checkpoint its inference.json loads, its outputs by subject
+CASES = {
+    "slice_cnn_brainage": dict(
+        shape=(16, 20, 16),
+        overrides={"image_size": [16, 20, 16], "network_def#sfcn_channels": [4, 8]},
+        checkpoint=lambda net: {"model": net.state_dict(), "bias_correction": BiasCorrection().state_dict()},
+        outputs=_predicted_ages,
+        expected=set(SUBJECTS),
+    ),
+    "tgb_gan_augment": dict(
+        shape=(16, 16, 16),
+        overrides={"image_size": [16, 16, 16], "network_def#encoder_channels": [4, 8],
+                   "network_def#decoder_channels": [8, 4]},
+        checkpoint=lambda net: {"generator": net.state_dict()},
+        outputs=_reconstructions,
+        expected={f"{s}_recon.nii.gz" for s in SUBJECTS},
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def isolated_env(tmp_path_factory) -> dict:
+    """An environment in which ``import custom_components`` and ``import data_prep`` fail: packages of those
+    names that raise, first on PYTHONPATH, shadow the editable install of this repository."""
+    shadow = tmp_path_factory.mktemp("shadow")
+    for name in VENDORED:
+        (shadow / name).mkdir()
+        (shadow / name / "__init__.py").write_text(f"raise ImportError('{name} is blocked in this test')\n")
+    return {**os.environ, "PYTHONPATH": str(shadow), "PYTHONNOUSERSITE": "1", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def packaged(request, tmp_path_factory) -> dict:
+    """A tiny model.pt in a run folder, three input volumes, and the bundle packaged with the CLI."""
+    name, case = request.param, CASES[request.param]
+    root = tmp_path_factory.mktemp(name)
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLES_DIR / name / "configs" / "inference.json"))
+    parser.update(case["overrides"])
+    torch.manual_seed(0)
+    (root / "run" / "models").mkdir(parents=True)
+    torch.save(case["checkpoint"](parser.get_parsed_content("network_def")), root / "run" / "models" / "model.pt")
+    rng = np.random.default_rng(0)
+    for subject in SUBJECTS:
+        save_nifti(rng.random(case["shape"]), np.diag([4.0, 4.0, 4.0, 1.0]), root / "inputs" / f"{subject}.nii.gz")
+    args = ["package-bundles", "--bundles", name, "--models_from", str(root / "run"), "--out_dir", str(root / "dist")]
+    assert main(args) == 0
+    return {"name": name, "root": root, "zip": next((root / "dist").glob(f"{name}_v*.zip")), **case}
+
+
+def _unzipped(package: dict) -> Path:
+    """The zip extracted into a new empty folder; returns the bundle folder inside it."""
+    target = package["root"] / "unzipped"
+    target.mkdir()
+    assert not any(target.iterdir())
+    with zipfile.ZipFile(package["zip"]) as archive:
+        archive.extractall(target)
+    assert [p.name for p in target.iterdir()] == [package["name"]]
+    return target / package["name"]
+
+
+@pytest.mark.slow
+def test_packaged_inference_runs_without_this_repository(packaged, isolated_env):
+    bundle = _unzipped(packaged)
+    for blocked in VENDORED:  # the packaged run cannot reach the repository's code
+        check = subprocess.run([sys.executable, "-c", f"import {blocked}"], cwd=bundle, env=isolated_env,
+                               capture_output=True, text=True)
+        assert check.returncode != 0 and f"{blocked} is blocked" in check.stderr
+    where = subprocess.run([sys.executable, "-c", "import scripts.custom_components.data as m; print(m.__file__)"],
+                           cwd=bundle, env=isolated_env, capture_output=True, text=True)
+    assert Path(where.stdout.strip()).is_relative_to(bundle), where.stderr
+
+    overrides = [arg for key, value in packaged["overrides"].items() for arg in (f"--{key}", json.dumps(value))]
+    inputs = packaged["root"] / "inputs"
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
+               "--input_dir", str(inputs), *overrides]
+    result = subprocess.run(command, cwd=bundle, env=isolated_env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    # the same inference with the repository's bundle and code gives the same outputs
+    reference = packaged["root"] / "reference"
+    workflow = ConfigWorkflow(config_file=str(BUNDLES_DIR / packaged["name"] / "configs" / "inference.json"),
+                              workflow_type=None, bundle_root=str(packaged["root"] / "run"), input_dir=str(inputs),
+                              output_dir=str(reference), **packaged["overrides"])
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    got, want = packaged["outputs"](bundle / "eval"), packaged["outputs"](reference)
+    assert set(got) == set(want) == packaged["expected"]
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-5)
+        assert np.all(np.isfinite(got[key]))
+
+
+def test_package_holds_model_zoo_layout_and_only_rewritten_code(packaged):
+    name = packaged["name"]
+    with zipfile.ZipFile(packaged["zip"]) as archive:
+        files = {n.removeprefix(f"{name}/"): archive.read(n) for n in archive.namelist()}
+    source = BUNDLES_DIR / name
+    for required in ("configs/metadata.json", "configs/inference.json", "docs/README.md", "LICENSE",
+                     "large_files.yml", "models/model.pt", "scripts/__init__.py"):
+        assert required in files
+    meta = json.loads(files["configs/metadata.json"])
+    assert packaged["zip"].name == f"{name}_v{meta['version']}.zip"
+    again = package_bundles(str(packaged["root"] / "again"), name, models_from=str(packaged["root"] / "run"))
+    assert Path(again[0]).read_bytes() == packaged["zip"].read_bytes()  # reproducible: fixed entry times, sorted
+    assert files["configs/metadata.json"] == (source / "configs" / "metadata.json").read_bytes()
+    assert SCHEMA.is_file(), f"schema copy missing at {SCHEMA}"
+    meta_copy = packaged["root"] / "metadata.json"
+    meta_copy.write_bytes(files["configs/metadata.json"])
+    verify_metadata(meta_file=str(meta_copy), filepath=str(SCHEMA))
+    assert files["models/model.pt"] == (packaged["root"] / "run" / "models" / "model.pt").read_bytes()
+
+    # vendored: the modules the bundle needs, none other, importing each other only as scripts.<package>
+    modules = {path for path in files if path.startswith("scripts/") and path.endswith(".py")}
+    needs = {"slice_cnn_brainage": "networks/slice_set.py", "tgb_gan_augment": "networks/tgb_gan.py"}
+    for bundle, module in needs.items():
+        assert (f"scripts/custom_components/{module}" in modules) == (bundle == name)
+    assert "scripts/data_prep/volumes.py" in modules and "scripts/data_prep/preprocess.py" not in modules
+    for path in modules:
+        for node in ast.walk(ast.parse(files[path])):
+            imported = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            assert not [m for m in imported if m.split(".")[0] in VENDORED], f"{path} imports {imported}"
+    for path in (p for p in files if p.startswith("configs/") and p.endswith(".json")):
+        text = files[path].decode()
+        assert '"custom_components.' not in text and "import custom_components" not in text, path
+
+
+def test_packaging_refuses_when_a_config_needs_absent_weights(tmp_path, capsys):
+    (tmp_path / "run" / "models").mkdir(parents=True)
+    code = main(["package-bundles", "--bundles", "slice_cnn_brainage", "--models_from", str(tmp_path / "run"),
+                 "--out_dir", str(tmp_path / "dist")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "configs/inference.json" in err and "models/model.pt" in err and str(tmp_path / "run") in err
+    assert not (tmp_path / "dist").exists() or not any((tmp_path / "dist").iterdir())
