@@ -1,0 +1,156 @@
+"""Crashes: a training run killed with SIGKILL resumes from its last epoch when the same command runs again;
+synthesis and preprocessing redo only what is missing and leave no partial files."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigWorkflow
+from monai.handlers import CheckpointSaver
+
+from custom_components.networks.tgb_gan import TGBGenerator
+from custom_components import synthesis
+from custom_components.synthesis import LatentSet, synthesise
+from data_prep.datalist import read_datalist
+from data_prep.preprocess import preprocess_datalist
+from reliability_helpers import BUNDLES, GAN_TINY, SLICE_TINY, bundle_command
+
+MAX_EPOCHS = 4
+BUNDLE_CASES = {
+    "slice_cnn_brainage": (SLICE_TINY, ["model", "bias_correction", "optimizer", "trainer"]),
+    "tgb_gan_augment": (GAN_TINY, ["generator", "critic", "regressor", "g_optimizer", "d_optimizer", "g_lr_scheduler",
+                                   "d_lr_scheduler", "trainer"]),
+}
+
+
+def _kill_after_first_checkpoint(command: list[str], cwd: Path, checkpoint: Path, log: Path) -> None:
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 240
+        while not checkpoint.is_file():
+            assert process.poll() is None, f"run ended before its first checkpoint:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "no checkpoint after 240 s"
+            time.sleep(0.02)
+        os.kill(process.pid, signal.SIGKILL)
+        assert process.wait(timeout=60) == -signal.SIGKILL  # killed, not finished
+
+
+def _restored(bundle: str, root: Path, cohort: Path, epochs: int, tiny: dict):
+    """A workflow of the same command run to ``epochs`` (the checkpoint's epoch): it only restores."""
+    workflow = ConfigWorkflow(config_file=str(BUNDLES / bundle / "configs" / "train.json"), workflow_type=None,
+                              bundle_root=str(root), dataset_dir=str(cohort),
+                              **{**tiny, "train#trainer#max_epochs": epochs})
+    workflow.initialize()
+    workflow.run()
+    return workflow
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_CASES)
+def test_sigkill_mid_training_then_the_same_command_resumes_and_finishes(tmp_path, cohort, bundle):
+    tiny, saved = BUNDLE_CASES[bundle]
+    root = tmp_path / "root"
+    command = bundle_command(bundle, ["train"], root, cohort, **tiny, **{"train#trainer#max_epochs": MAX_EPOCHS})
+    resume_file = root / "models" / "checkpoint_resume.pt"
+    _kill_after_first_checkpoint(command, BUNDLES / bundle, resume_file, tmp_path / "killed.log")
+
+    at_kill = torch.load(resume_file, weights_only=True)  # whole: never half-written
+    assert set(at_kill) == {*saved, "resume_state"}
+    killed_epoch = at_kill["trainer"]["iteration"] // at_kill["trainer"]["epoch_length"]
+    assert 1 <= killed_epoch < MAX_EPOCHS
+
+    # what a restart restores equals what was saved: networks, optimisers, best metrics, best-model list
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    restored = _restored(bundle, copy, cohort, killed_epoch, tiny)
+    network = restored.parser.get_parsed_content("network")
+    for key, value in at_kill[saved[0]].items():
+        torch.testing.assert_close(network.state_dict()[key], value)
+    optimizer = restored.parser.get_parsed_content("optimizer" if "optimizer" in saved else "g_optimizer")
+    assert optimizer.state_dict()["state"][0]["step"] == at_kill[saved[2 if "optimizer" in saved else 3]]["state"][0]["step"]
+    evaluator = restored.parser.get_parsed_content("validate#evaluator")
+    best = at_kill["resume_state"]["engines"]["validate"]
+    assert (evaluator.state.best_metric, evaluator.state.best_metric_epoch) == (best["best_metric"], best["best_metric_epoch"])
+    assert best["best_metric_epoch"] >= 1
+    (saved_list,) = at_kill["resume_state"]["best_model_savers"]  # model.pt's score, so a worse epoch keeps it
+    assert [score for score, _ in saved_list["_saved"]] == [-best["best_metric"]]
+    (saver,) = [h for h in restored.parser.get_parsed_content("validate#handlers") if isinstance(h, CheckpointSaver)]
+    assert saver._key_metric_checkpoint.state_dict()["_saved"] == saved_list["_saved"]
+
+    # the same command again: resumes and trains the remaining epochs only
+    rerun = subprocess.run(command, cwd=BUNDLES / bundle, capture_output=True, text=True, timeout=300)
+    log = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0, log[-4000:]
+    assert f"resumed from {resume_file}: epoch {killed_epoch}" in log
+    assert f"Epoch[{killed_epoch + 1}] Metrics -- " in log and f"Epoch[{killed_epoch}] Metrics" not in log
+    final = torch.load(root / "models" / "checkpoint_last.pt", weights_only=True)
+    per_epoch = final["trainer"]["epoch_length"]
+    assert final["trainer"]["iteration"] == MAX_EPOCHS * per_epoch
+    optimizer_key = saved[2] if "optimizer" in saved else saved[3]
+    assert final[optimizer_key]["state"][0]["step"] == MAX_EPOCHS * per_epoch  # Adam went on counting
+    if "g_lr_scheduler" in final:
+        assert final["g_lr_scheduler"]["last_epoch"] == MAX_EPOCHS
+    assert not list((root / "models").glob(".*part*"))
+
+
+def _latents(n: int = 6) -> LatentSet:
+    generator = TGBGenerator(encoder_channels=(4, 8), decoder_channels=(8, 4))
+    with torch.no_grad():
+        codes = generator.encode(torch.rand(n, 1, 16, 16, 16, generator=torch.Generator().manual_seed(0)))
+    records = [{"image": f"/data/s{i}.nii.gz", "age": 30.0 + (i % 2) * 0.2, "subject": f"s{i}"} for i in range(n)]
+    return generator, LatentSet(codes, np.array([r["age"] for r in records]), records, np.diag([4.0, 4.0, 4.0, 1.0]))
+
+
+def test_synthesis_resumes_without_rewriting_finished_volumes(tmp_path, cohort, monkeypatch):
+    generator, latents = _latents()
+    options = dict(generator=generator, latents=latents, datalist_file=str(cohort / "datalist.json"),
+                   output_dir=str(tmp_path), target_per_bin=10, seed=0, batch_size=2, progress=False)
+    images = tmp_path / "synthetic" / "images"
+    writes: list[str] = []
+    real_save = synthesis.save_nifti
+
+    def crashing_save(data, affine, path, dtype=np.float32):
+        if len(writes) == 3:
+            raise KeyboardInterrupt("simulated crash")
+        writes.append(Path(path).name)
+        return real_save(data, affine, path, dtype)
+
+    monkeypatch.setattr("custom_components.synthesis.save_nifti", crashing_save)
+    with pytest.raises(KeyboardInterrupt):
+        synthesise(**options)
+    assert sorted(p.name for p in images.glob("syn_*")) == ["syn_0000.nii.gz", "syn_0001.nii.gz", "syn_0002.nii.gz"]
+    assert not (tmp_path / "synthetic" / "datalist.json").exists()
+    before = {p.name: p.stat().st_mtime_ns for p in images.glob("syn_*")}
+    (images / ".syn_0003.nii.gz.x1y2.part.nii.gz").write_bytes(b"half")  # a write killed midway
+    writes.clear()
+    monkeypatch.setattr("custom_components.synthesis.save_nifti", real_save)
+    path = synthesise(**options)
+    datalist = json.loads(path.read_text())
+    assert datalist["n_synthetic"] == 4  # one bin of 6 codes topped up to 10
+    assert sorted(p.name for p in images.iterdir()) == ["plan.json"] + [f"syn_{i:04d}.nii.gz" for i in range(4)]
+    assert {name: (images / name).stat().st_mtime_ns for name in before} == before  # not rewritten
+    # a different plan (another seed) replaces every volume
+    synthesise(**{**options, "seed": 1})
+    assert all((images / name).stat().st_mtime_ns != mtime for name, mtime in before.items())
+    assert read_datalist(path)["training"][-1]["subject"] == "syn_0003"
+
+
+def test_preprocessing_removes_partial_files_of_a_killed_run(tmp_path):
+    out = tmp_path / "prep"
+    (out / "images").mkdir(parents=True)
+    partial = out / "images" / ".sub-1.nii.gz.abcd.part.nii.gz"
+    partial.write_bytes(b"half a volume")
+    (tmp_path / "bad.nii.gz").write_bytes(b"not an image")
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"training": [{"image": str(tmp_path / "bad.nii.gz"), "age": 40, "subject": "sub-1"}]}))
+    summary = preprocess_datalist(datalist, out, resolution=4, workers=1)
+    assert not partial.exists()
+    assert [f["subject"] for f in summary.failures] == ["sub-1"]
+    assert "not a readable NIfTI image" in (out / "failures.csv").read_text()
