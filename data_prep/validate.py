@@ -127,7 +127,7 @@ def _check_splits(splits: dict[str, list], report: ValidationReport, base: Path,
         for row, record in enumerate(records):
             where = f"{split}[{row}]"
             if not isinstance(record, dict):
-                report.problems.append(f"{where}: a record is a JSON object, not {record!r:.60}")
+                report.problems.append(f"{where}: a record is a JSON object, not {_short(record)}")
                 continue
             if "subject" in record:
                 where += f" (subject {record['subject']})"
@@ -161,7 +161,7 @@ def _record_problems(record: dict, target_key: str | None) -> list[str]:
     if "image" not in record:
         problems.append(f"no 'image' key (keys: {', '.join(map(str, record)) or 'none'})")
     elif not isinstance(record["image"], str):
-        problems.append(f"image {record['image']!r:.60} is not a file path")
+        problems.append(f"image {_short(record['image'])} is not a file path")
     if target_key is not None and target_key not in record:
         problems.append(f"no '{target_key}' key (keys: {', '.join(map(str, record))})")
     for key in TARGET_KEYS:
@@ -176,7 +176,7 @@ def _target_problem(key: str, value) -> str | None:
     """Why ``value`` is not a usable ``age`` / ``label``; None when it is. Only types and comparisons: a text
     value is reported as such, never parsed or evaluated."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return f"{key} {value!r:.80} is not a number"
+        return f"{key} {_short(value)} is not a number"
     if not math.isfinite(value):
         return f"{key} {value} is not a finite number"
     if key == "age" and value < 0:
@@ -290,6 +290,11 @@ def validate_command(datalist: str, dataset_dir: str | None = None, image_size=N
                                None if str(target_key).lower() in ("none", "") else target_key,
                                image_size, on_shape_mismatch, dataset_dir, check_voxels)
     print(report)
+
+
+def _short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _names(value) -> list[str]:
