@@ -211,6 +211,11 @@ def _workflow(bundle: str, configs: list[str], bundle_root: Path, dataset_dir: P
                           dataset_dir=str(dataset_dir), **{**tiny, **override})
 
 
+def _initialize_and_run(workflow: ConfigWorkflow) -> None:
+    workflow.initialize()
+    workflow.run()
+
+
 def _user_error(call) -> str:
     """The message a user sees for the error ``call`` raises (``custom_components.validation.clean_excepthook``)."""
     with pytest.raises(Exception) as err:
@@ -281,7 +286,7 @@ def test_position_embedding_with_another_slice_count_than_the_checkpoint(tmp_pat
     torch.save({"model": network.state_dict(), "bias_correction": bias.state_dict()}, root / "models" / "model.pt")
     workflow = _workflow("slice_cnn_brainage", ["train", "evaluate"], root, cohort,
                          **{"network_def#position_embedding": True})
-    message = _user_error(workflow.initialize)
+    message = _user_error(lambda: _initialize_and_run(workflow))
     assert message.startswith(f"{root / 'models' / 'model.pt'} does not fit the configured networks")
     assert "\n  - model: position.weight has shape (20, " in message
     assert ("(the position embedding has one row per slice: trained with 20 slices, this config gives 16; "
@@ -294,7 +299,7 @@ def test_checkpoint_of_the_other_bundle_is_refused_by_name(tmp_path, cohort):
         (root / "models").mkdir(parents=True)
     generator = TGBGenerator(encoder_channels=(4, 8), decoder_channels=(8, 4))
     torch.save(generator.state_dict(), slice_root / "models" / "model.pt")  # the GAN's model.pt, in the slice bundle
-    message = _user_error(_workflow("slice_cnn_brainage", ["train", "evaluate"], slice_root, cohort).initialize)
+    message = _user_error(lambda: _initialize_and_run(_workflow("slice_cnn_brainage", ["train", "evaluate"], slice_root, cohort)))
     assert message.startswith(f"{slice_root / 'models' / 'model.pt'}: has no 'model', 'bias_correction' entry "
                               "(it holds encoder.")
     network, bias = _slice_network(tmp_path / "a", cohort)
