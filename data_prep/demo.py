@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from custom_components.options import as_bool
+
 from .datalist import write_datalist
 from .grid import canonical_grid
 from .volumes import InputError, atomic_path
@@ -257,9 +259,11 @@ def write_steps_record(path: Path, records: list[dict]) -> None:
         tmp.write_text(json.dumps({"repository": str(REPO), "steps": records}, indent=1) + "\n")
 
 
-def run_demo(out: str = "runs/demo", n_subjects: int = 150, n_ad_subjects: int = 100, resolution: float = 4.0,
-             seed: int = 0, gan_epochs: int = 10, target_per_bin: int = 4, slice_epochs: int = 10,
-             ad_epochs: int = 10, gan_network: dict | None = None, gan_training: dict | None = None,
+def run_demo(out: str = "runs/demo", n_subjects: int = DemoSettings.n_subjects,
+             n_ad_subjects: int = DemoSettings.n_ad_subjects, resolution: float = DemoSettings.resolution,
+             seed: int = DemoSettings.seed, gan_epochs: int = DemoSettings.gan_epochs,
+             target_per_bin: int = DemoSettings.target_per_bin, slice_epochs: int = DemoSettings.slice_epochs,
+             ad_epochs: int = DemoSettings.ad_epochs, gan_network: dict | None = None, gan_training: dict | None = None,
              slice_network: dict | None = None, slice_training: dict | None = None,
              ixi_sample: str = str(IXI_SAMPLE), skip_ixi: bool = False):
     """The main job end to end on simulated data, then the real IXI sample; writes <out>/report.md and .html.
@@ -280,6 +284,10 @@ def run_demo(out: str = "runs/demo", n_subjects: int = 150, n_ad_subjects: int =
         skip_ixi: skip the IXI preprocessing and prediction steps.
     """
     out = Path(out).resolve()
+    try:
+        skip_ixi = as_bool(skip_ixi, "skip_ixi")
+    except ValueError as err:
+        raise InputError(f"demo: {err}") from None
     settings = DemoSettings(
         n_subjects=int(n_subjects), n_ad_subjects=int(n_ad_subjects), resolution=float(resolution), seed=int(seed),
         gan_epochs=int(gan_epochs), target_per_bin=int(target_per_bin), slice_epochs=int(slice_epochs),

@@ -13,6 +13,7 @@ import pytest
 
 from data_prep.datalist import read_datalist
 from data_prep.demo import DemoLayout, DemoSettings, Step, StepFailed, demo_steps, ixi_sample_datalist, run_demo, run_step
+from data_prep.volumes import InputError
 
 REPO = Path(__file__).resolve().parents[2]
 TOY_RESOLUTION = 8.0  # 24^3 volumes
@@ -154,3 +155,11 @@ def test_ixi_sample_datalist_lists_both_real_scans(ixi_sample, tmp_path):
     splits = read_datalist(ixi_sample_datalist(ixi_sample, tmp_path / "ixi.json"))
     assert {r["subject"]: r["age"] for r in splits["test"]} == {"IXI012-HH-1211": 38.78, "IXI015-HH-1258": 24.28}
     assert all(r["image"].endswith("_T1.nii.gz") for r in splits["test"])
+
+
+def test_switches_and_overrides_are_checked_before_anything_runs(tmp_path):
+    with pytest.raises(InputError, match="skip_ixi must be true or false"):
+        run_demo(out=str(tmp_path), skip_ixi="maybe")
+    with pytest.raises(InputError, match="slice_network must be a dict"):
+        run_demo(out=str(tmp_path), skip_ixi="true", slice_network="[4, 8]")
+    assert not (tmp_path / "steps.json").exists()
