@@ -20,6 +20,7 @@ from torch import nn
 
 from custom_components.networks.slice_aggregators import build_aggregator
 from custom_components.networks.slice_encoders import SFCN2D_CHANNELS, build_slice_encoder
+from custom_components.networks.output_layer import ScaledLinear
 
 SLICE_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
 
@@ -62,6 +63,8 @@ class SliceSetNet(nn.Module):
         embed_dim: size of the slice embeddings.
         out_channels: 1 for age, 1 or 2 for AD.
         init_bias: initial bias of the last layer (the training mean age; 0 for classification).
+        output_scale: fixed scale of the output (the training SD of age; 1 for classification), see
+            :class:`ScaledLinear`.
         in_channel_mode: ResNets only: "repeat" the slice to 3 channels (as the paper) or "sum" the
             pretrained RGB conv1 kernels into a one-channel conv1.
         pretrained_weights: ResNets only: a local file with a torchvision-style ResNet state dict.
@@ -90,6 +93,7 @@ class SliceSetNet(nn.Module):
         embed_dim: int = 32,
         out_channels: int = 1,
         init_bias: float = 0.0,
+        output_scale: float = 1.0,
         in_channel_mode: str = "repeat",
         pretrained_weights: str | Path | None = None,
         sfcn_channels: Sequence[int] = SFCN2D_CHANNELS,
@@ -142,9 +146,10 @@ class SliceSetNet(nn.Module):
         )
         self.aggregator = build_aggregator(aggregation, embed_dim, num_heads, transformer_layers)
         self.head = nn.Sequential(
-            nn.Linear(embed_dim, head_hidden), nn.ReLU(inplace=True), nn.Linear(head_hidden, out_channels)
+            nn.Linear(embed_dim, head_hidden),
+            nn.ReLU(inplace=True),
+            ScaledLinear(head_hidden, out_channels, init_bias, output_scale),
         )
-        nn.init.constant_(self.head[-1].bias, init_bias)
         if channels_last:
             self.encoder.to(memory_format=torch.channels_last)
 

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from custom_components.networks.output_layer import ScaledLinear
+
 
 def _check_odd_kernel(kernel_size: int) -> None:
     if kernel_size < 1 or kernel_size % 2 == 0:
@@ -158,7 +160,8 @@ class ResidualAgeRegressor(nn.Module):
     Each entry of ``channels`` adds a :class:`ResidualBlock3d` followed by ``MaxPool3d(2)``; the head is
     Flatten -> ``hidden`` fully connected layers (ReLU, dropout) -> 1 linear output, shape (B, 1).
     The flatten size is computed from ``spatial_shape`` so the state dict is fixed at construction; inputs
-    of another size are rejected. ``init_bias`` sets the output bias, typically the training mean age.
+    of another size are rejected. ``init_bias`` and ``output_scale`` (typically the training mean and SD of age) set the
+    output layer, see :class:`ScaledLinear`.
     """
 
     def __init__(
@@ -169,6 +172,7 @@ class ResidualAgeRegressor(nn.Module):
         dropout: float = 0.1,
         spatial_shape: Sequence[int] = (96, 96, 96),
         init_bias: float = 0.0,
+        output_scale: float = 1.0,
     ) -> None:
         super().__init__()
         channels = _check_channels("channels", channels)
@@ -197,8 +201,7 @@ class ResidualAgeRegressor(nn.Module):
         for f_in, f_out in zip(sizes[:-1], sizes[1:]):
             layers += [nn.Linear(f_in, f_out), nn.ReLU(), nn.Dropout(dropout)]
         self.head = nn.Sequential(*layers)
-        self.out = nn.Linear(sizes[-1], 1)
-        nn.init.constant_(self.out.bias, init_bias)
+        self.out = ScaledLinear(sizes[-1], 1, init_bias, output_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_volume(x, self.in_channels, "ResidualAgeRegressor")
