@@ -12,10 +12,17 @@ import torch
 from ignite.engine import Engine, Events
 from monai.utils import evenly_divisible_all_gather, string_list_all_gather
 
-from data_prep.volumes import atomic_path
+from data_prep.grid import FIELD_OF_VIEW_MM, canonical_grid
+from data_prep.volumes import atomic_path, save_nifti
 
 from .brain_age import BiasCorrection, brain_age_metrics, pearson_r
-from .plots import plot_gap_vs_age, plot_predicted_vs_true, plot_slice_weights
+from .plots import map_overlay_figure, plot_gap_vs_age, plot_predicted_vs_true, plot_slice_weights, save_figure
+
+
+def subject_id(item: dict, key: str, index: int) -> str:
+    """The subject ID of a batch item, ``case<index>`` when absent. MONAI's datalist loader turns an ID that
+    names an existing folder beside the datalist (BIDS ``sub-XX``) into that folder's path: keep its name."""
+    return Path(str(item.get(key, f"case{index}"))).name
 
 
 class EpochCollector:
@@ -60,7 +67,7 @@ class BrainAgeReport(EpochCollector):
 
     def _collect(self, engine: Engine) -> None:
         for item, out in zip(engine.state.batch, engine.state.output):
-            self._subjects.append(str(item.get(self.subject_key, f"case{len(self._subjects)}")))
+            self._subjects.append(subject_id(item, self.subject_key, len(self._subjects)))
             age = item.get(self.age_key)
             self._ages.append(float(age) if age is not None else math.nan)
             self._preds.append(float(torch.as_tensor(out[self.pred_key]).float().reshape(-1)[0]))
@@ -94,8 +101,9 @@ class BrainAgeReport(EpochCollector):
             {"subject": s, "age": _fmt(a), "predicted_age": _fmt(p), "brain_age_gap": _fmt(g), "corrected_gap": _fmt(c)}
             for s, a, p, g, c in zip(subjects, ages, preds, gap, corrected)
         ]
-        _write_atomic(self.output_dir / f"{self.prefix}predictions.csv", lambda f: _write_csv(f, rows))
-        _write_atomic(self.output_dir / f"{self.prefix}metrics.json", lambda f: json.dump(metrics, f, indent=1))
+        write_csv(self.output_dir / f"{self.prefix}predictions.csv", rows)
+        with atomic_path(self.output_dir / f"{self.prefix}metrics.json") as tmp, open(tmp, "w") as handle:
+            json.dump(metrics, handle, indent=1)
         if self.plots and known.sum() >= 2:
             plot_predicted_vs_true(ages[known], preds[known], self.output_dir / f"{self.prefix}scatter.png")
             plot_gap_vs_age(ages[known], gap[known], corrected[known], self.output_dir / f"{self.prefix}gap_vs_age.png")
@@ -105,15 +113,12 @@ def _fmt(value: float) -> str:
     return "" if not np.isfinite(value) else f"{value:.3f}"
 
 
-def _write_csv(handle, rows) -> None:
-    writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["subject"])
-    writer.writeheader()
-    writer.writerows(rows)
-
-
-def _write_atomic(path: Path, write) -> None:
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """Write ``rows`` (dicts with the same keys) as a CSV with a header, atomically."""
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
-        write(handle)
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["subject"])
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 class SliceAttentionReport(EpochCollector):
@@ -140,7 +145,8 @@ class SliceAttentionReport(EpochCollector):
         images = torch.stack([torch.as_tensor(out[self.image_key]) for out in engine.state.output])
         _, weights = self.network.forward_with_attention(images.to(engine.state.device))
         self._weights.extend(weights.float().mean(dim=1).cpu().numpy())
-        self._subjects.extend(str(item.get(self.subject_key, f"case{len(self._subjects)}")) for item in engine.state.batch)
+        start = len(self._subjects)
+        self._subjects += [subject_id(item, self.subject_key, start + i) for i, item in enumerate(engine.state.batch)]
 
     def _report(self, engine: Engine) -> None:
         if idist.get_rank() != 0 or not self._weights:
@@ -148,5 +154,58 @@ class SliceAttentionReport(EpochCollector):
         weights = np.stack(self._weights)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         rows = [{"subject": s, **{f"w{i}": f"{w:.5f}" for i, w in enumerate(row)}} for s, row in zip(self._subjects, weights)]
-        _write_atomic(self.output_dir / f"{self.prefix}slice_attention.csv", lambda f: _write_csv(f, rows))
+        write_csv(self.output_dir / f"{self.prefix}slice_attention.csv", rows)
         plot_slice_weights(weights, self.output_dir / f"{self.prefix}slice_attention.png", axis_name=self.axis_name)
+
+
+class OcclusionMapWriter(EpochCollector):
+    """3D occlusion maps of the predicted age: one NIfTI per subject, their mean as NIfTI, and an overlay PNG.
+
+    Each voxel holds how much the predicted age changes when a ``mask_size`` cube around it is replaced by
+    the image mean (MONAI's ``OcclusionSensitivity``): negative where hiding the region makes the brain
+    look younger, i.e. where the network reads ageing. Volumes are on the canonical grid (the input size
+    sets its resolution), so the maps overlay on the inputs. Costs ~(size / stride)^3 forward passes per
+    subject: enable it for a few subjects.
+    """
+
+    def __init__(self, network, output_dir, mask_size: int = 8, overlap: float = 0.25, n_batch: int = 16,
+                 prefix: str = "", subject_key: str = "subject", image_key: str = "image") -> None:
+        from monai.visualize import OcclusionSensitivity
+
+        self.occlusion = OcclusionSensitivity(getattr(network, "module", network), mask_size=mask_size,
+                                              n_batch=n_batch, verbose=False, mode="mean_img", overlap=overlap,
+                                              activate=False)
+        self.output_dir = Path(output_dir)
+        self.prefix, self.subject_key, self.image_key = prefix, subject_key, image_key
+        self._maps: list[np.ndarray] = []
+        self._images: list[np.ndarray] = []
+
+    def _reset(self, engine: Engine) -> None:
+        self._maps, self._images = [], []
+
+    @torch.no_grad()
+    def _collect(self, engine: Engine) -> None:
+        for out, item in zip(engine.state.output, engine.state.batch):
+            image = torch.as_tensor(out[self.image_key])[None].to(engine.state.device)
+            occluded, _ = self.occlusion(image)
+            change = occluded[0, 0].reshape(image.shape[2:]) - torch.as_tensor(out["pred"]).reshape(-1)[0]
+            change = change.float().cpu().numpy()
+            subject = subject_id(item, self.subject_key, len(self._maps))
+            save_nifti(change, self._grid(change.shape).affine, self.output_dir / "occlusion" / f"{subject}_occlusion.nii.gz")
+            self._maps.append(change)
+            self._images.append(image[0, 0].float().cpu().numpy())
+
+    @staticmethod
+    def _grid(shape):
+        if len(set(shape)) != 1:
+            raise ValueError(f"occlusion maps are written on the canonical (cubic) grid; input shape {list(shape)} is not")
+        return canonical_grid(FIELD_OF_VIEW_MM / shape[0])
+
+    def _report(self, engine: Engine) -> None:
+        if not self._maps:
+            return
+        mean_map = np.mean(self._maps, axis=0)
+        save_nifti(mean_map, self._grid(mean_map.shape).affine, self.output_dir / f"{self.prefix}occlusion_mean.nii.gz")
+        figure = map_overlay_figure(np.mean(self._images, axis=0), mean_map, "Occlusion map of the predicted age",
+                                    label="age change when hidden (years)")
+        save_figure(figure, self.output_dir / f"{self.prefix}occlusion_mean.png")

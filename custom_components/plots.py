@@ -11,6 +11,18 @@ import numpy as np  # noqa: E402
 from data_prep.volumes import atomic_path  # noqa: E402
 
 
+VIEWS = ("sagittal", "coronal", "axial")
+
+
+def central_slices(volume) -> list[np.ndarray]:
+    """The middle sagittal, coronal and axial slices of a (D, H, W) RAS volume, rotated for display."""
+    volume = np.asarray(volume, dtype=np.float32)
+    if volume.ndim != 3:
+        raise ValueError(f"expected a 3D volume, got shape {volume.shape}")
+    cx, cy, cz = (s // 2 for s in volume.shape)
+    return [np.rot90(volume[cx]), np.rot90(volume[:, cy]), np.rot90(volume[:, :, cz])]
+
+
 def save_figure(fig, path) -> Path:
     """Save and close ``fig`` as ``path`` via a temporary file, so readers never see half a PNG."""
     path = Path(path)
@@ -60,3 +72,35 @@ def plot_slice_weights(weights, path, axis_name="slice") -> Path:
     ax.set(xlabel=f"{axis_name} index", ylabel="attention weight", title="Slice attention")
     ax.legend()
     return save_figure(fig, path)
+
+
+def plot_condition_bars(rows, path) -> Path:
+    """Test MAE per training condition, one panel per model: bars = mean over seeds, dots = seeds."""
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(4 * len(models), 3.5), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        mine = [r for r in rows if r["model"] == model]
+        x = np.arange(len(mine))
+        ax.bar(x, [r["mae_mean"] for r in mine], yerr=[r["mae_std"] for r in mine], capsize=4, alpha=0.7)
+        for i, r in enumerate(mine):
+            seeds = [float(v) for v in str(r["mae_per_seed"]).split()]
+            ax.scatter(np.full(len(seeds), i), seeds, color="k", s=10, zorder=3)
+        ax.set_xticks(x, [r["condition"] for r in mine], rotation=15)
+        ax.set(ylabel="test MAE (years)", title=model)
+    return save_figure(fig, path)
+
+
+def map_overlay_figure(background, effect, title: str, label: str = "old - young"):
+    """Central slices of ``background`` in grey with the signed ``effect`` map on top (red up, blue down)."""
+    effect = np.asarray(effect, dtype=np.float32)
+    limit = float(np.abs(effect).max()) or 1.0
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.6))
+    for ax, view, base, overlay in zip(axes, VIEWS, central_slices(background), central_slices(effect)):
+        ax.imshow(base, cmap="gray")
+        shown = np.ma.masked_where(np.abs(overlay) < 0.1 * limit, overlay)
+        image = ax.imshow(shown, cmap="coolwarm", vmin=-limit, vmax=limit, alpha=0.8)
+        ax.set_title(view, fontsize=9)
+        ax.set_axis_off()
+    fig.colorbar(image, ax=list(axes), shrink=0.8, label=label)
+    fig.suptitle(title)
+    return fig

@@ -24,9 +24,8 @@ from torch import nn
 
 from data_prep.volumes import atomic_path, save_nifti
 
-from .plots import save_figure
+from .plots import map_overlay_figure, save_figure
 from .synthesis import LatentSet, fit_age_direction
-from .tgb_gan_figures import map_overlay_figure
 
 
 def decode_codes(generator: nn.Module, codes: torch.Tensor, device: str | torch.device = "cpu") -> np.ndarray:

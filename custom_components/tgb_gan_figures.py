@@ -9,19 +9,7 @@ from ignite.engine import Engine
 from monai.handlers import from_engine
 
 from .handlers import EpochCollector
-from .plots import plt, save_figure
-
-VIEWS = ("sagittal", "coronal", "axial")
-
-
-def central_slices(volume) -> list[np.ndarray]:
-    """The middle sagittal, coronal and axial slices of a (D, H, W) RAS volume, rotated for display."""
-    volume = np.asarray(volume, dtype=np.float32)
-    if volume.ndim != 3:
-        raise ValueError(f"expected a 3D volume, got shape {volume.shape}")
-    cx, cy, cz = (s // 2 for s in volume.shape)
-    return [np.rot90(volume[cx]), np.rot90(volume[:, cy]), np.rot90(volume[:, :, cz])]
-
+from .plots import VIEWS, central_slices, plt, save_figure
 
 def reconstruction_figure(real, reconstruction, title: str = "real vs reconstructed"):
     """One row per volume: its three central slices, real then reconstructed, on a shared grey scale."""
@@ -38,22 +26,6 @@ def reconstruction_figure(real, reconstruction, title: str = "real vs reconstruc
             ax.set_axis_off()
             if row == 0:
                 ax.set_title(f"{kind} {view}", fontsize=8)
-    fig.suptitle(title)
-    return fig
-
-
-def map_overlay_figure(background, effect, title: str):
-    """Central slices of ``background`` in grey with the signed ``effect`` map on top (red up, blue down)."""
-    effect = np.asarray(effect, dtype=np.float32)
-    limit = float(np.abs(effect).max()) or 1.0
-    fig, axes = plt.subplots(1, 3, figsize=(10, 3.6))
-    for ax, view, base, overlay in zip(axes, VIEWS, central_slices(background), central_slices(effect)):
-        ax.imshow(base, cmap="gray")
-        shown = np.ma.masked_where(np.abs(overlay) < 0.1 * limit, overlay)
-        image = ax.imshow(shown, cmap="coolwarm", vmin=-limit, vmax=limit, alpha=0.8)
-        ax.set_title(view, fontsize=9)
-        ax.set_axis_off()
-    fig.colorbar(image, ax=list(axes), shrink=0.8, label="old - young")
     fig.suptitle(title)
     return fig
 

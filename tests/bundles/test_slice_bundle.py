@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -21,6 +22,7 @@ from monai.bundle import ConfigParser, ConfigWorkflow, ckpt_export, verify_metad
 from monai.handlers import from_engine
 
 from data_prep.datalist import write_datalist
+from data_prep.grid import canonical_grid
 from data_prep.volumes import save_nifti
 
 REPO = Path(__file__).resolve().parents[2]
@@ -45,18 +47,18 @@ def _configs(*names: str) -> list[str]:
     return [str(CONFIGS / f"{name}.json") for name in names]
 
 
-def _make_cohort(root: Path, n: int = 16) -> Path:
+def _make_cohort(root: Path, n: int = 16, shape=SHAPE) -> Path:
     """``n`` subjects aged 40..70 (AD label: age > 55); splits interleave ages, so every split has both labels.
 
     The age range is narrow so that a few dozen optimiser steps can move predictions across it."""
     rng = np.random.default_rng(0)
-    axes = [np.arange(size) - (size - 1) / 2 for size in SHAPE]
+    axes = [np.arange(size) - (size - 1) / 2 for size in shape]
     x, y, z = np.meshgrid(*axes, indexing="ij")
     radius = np.sqrt(x**2 + (y * 0.8) ** 2 + z**2)
     records = []
     for i, age in enumerate(np.linspace(40, 70, n)):
         brain = (radius < 2 + 5 * (age - 40) / 30).astype(np.float32)
-        volume = brain + 0.1 * rng.standard_normal(SHAPE).astype(np.float32)
+        volume = brain + 0.1 * rng.standard_normal(shape).astype(np.float32)
         path = save_nifti(volume, np.diag([4.0, 4.0, 4.0, 1.0]), root / "images" / f"sub{i:02d}.nii.gz")
         records.append({"image": str(path), "age": float(age), "label": int(age > 55), "subject": f"sub{i:02d}"})
     splits = {
@@ -198,6 +200,29 @@ def test_inference_on_a_folder_writes_predictions_and_slice_attention(trained, c
     assert weights.shape == (16, SHAPE[0])  # one weight per sagittal slice
     np.testing.assert_allclose(weights.sum(axis=1), 1.0, atol=1e-3)
     assert (out / "inference_slice_attention.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_inference_writes_occlusion_maps_on_the_canonical_grid(tmp_path):
+    cube = [16, 16, 16]
+    cohort = _make_cohort(tmp_path / "cohort", n=8, shape=cube)
+    _train(tmp_path, cohort, **{"image_size": cube, "train#trainer#max_epochs": 1})
+    out = tmp_path / "out"
+    workflow = ConfigWorkflow(
+        config_file=str(CONFIGS / "inference.json"), meta_file=str(META), bundle_root=str(tmp_path),
+        input_dir=str(cohort / "images"), save_occlusion="true", occlusion_mask_size=4, output_dir=str(out),
+        **{**TINY, "image_size": cube},
+    )
+    workflow.initialize()
+    _run(workflow)
+    grid = canonical_grid(192.0 / 16)
+    maps = sorted((out / "occlusion").glob("*_occlusion.nii.gz"))
+    assert [m.name for m in maps] == [f"sub{i:02d}_occlusion.nii.gz" for i in range(8)]
+    for path in [*maps, out / "inference_occlusion_mean.nii.gz"]:
+        image = nib.load(path)
+        np.testing.assert_allclose(image.affine, grid.affine)
+        data = image.get_fdata()
+        assert data.shape == tuple(cube) and np.isfinite(data).all() and np.abs(data).max() > 0
+    assert (out / "inference_occlusion_mean.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_torchscript_export_predicts_like_the_checkpoint(trained, tmp_path):

@@ -1,0 +1,246 @@
+"""The TGB-GAN paper's experiment: does adding GAN-synthesised volumes help a downstream age regressor?
+
+Each GAN variant (TGB-GAN, and the same GAN without its age branch) is trained and synthesises with the
+tgb_gan_augment bundle's own configs; each downstream model (the paper's 3D regressor, the slice network)
+is trained on real only and on real + each variant's synthetic volumes with the slice_cnn_brainage
+bundle's configs, for every seed, and scored on the same test split. Every run is an in-process
+``monai.bundle.run`` with overrides, in its own folder; a run whose outputs exist is not repeated, so an
+interrupted study resumes where it stopped.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import time
+from collections.abc import Mapping, Sequence
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+from monai.bundle import run as run_bundle
+from monai.metrics import MultiScaleSSIMMetric
+from scipy import stats
+
+from custom_components.handlers import write_csv
+from custom_components.plots import plot_condition_bars
+from data_prep.datalist import read_datalist, write_datalist
+from data_prep.volumes import atomic_path
+
+REAL = "real"
+
+
+def _test_errors(predictions_csv: Path) -> dict[str, float]:
+    """Absolute error per test subject from a BrainAgeReport CSV."""
+    with open(predictions_csv, newline="") as handle:
+        return {row["subject"]: abs(float(row["predicted_age"]) - float(row["age"])) for row in csv.DictReader(handle)}
+
+
+class AugmentationStudy:
+    """Real vs real + TGB-GAN synthetic vs real + GAN-without-branch synthetic, over seeds and models.
+
+    Args:
+        dataset_dir, datalist_file: the real cohort (training split = the small real training set).
+        output_dir: where every run's folder and the report (``results.csv``, ``results.md``,
+            ``results.png``, ``synthetic_qc.csv``) go.
+        gan_config_dir, downstream_config_dir: the two bundles' ``configs`` folders.
+        gan_variants: name -> age-loss weight (0 = the ablation without the task branch).
+        gan_overrides: overrides for every GAN training run (epochs, widths, batch size).
+        synthesis_overrides: overrides for every synthesis run (target per bin, max synthetic count).
+        downstream_models: name -> ``{"config_files": [...], "overrides": {...}}``: config files layered
+            over the slice bundle's train.json (e.g. one that swaps ``network_def``) and overrides.
+        downstream_overrides: overrides for every downstream run (epochs, learning rate).
+
+    Overrides are nested dicts, ``{"train": {"trainer": {"max_epochs": 5}}}``, applied leaf by leaf
+    (``train#trainer#max_epochs``) so the rest of each section stays.
+        seeds: downstream seeds, the same for every condition (the GANs use ``gan_seed``).
+        qc_pairs: random image pairs for the MS-SSIM diversity measure.
+    """
+
+    def __init__(self, dataset_dir: str, datalist_file: str, output_dir: str, gan_config_dir: str,
+                 downstream_config_dir: str, gan_variants: Mapping[str, float], gan_overrides: Mapping,
+                 synthesis_overrides: Mapping, downstream_models: Mapping[str, Mapping],
+                 downstream_overrides: Mapping, seeds: Sequence[int] = (0, 1, 2), gan_seed: int = 0,
+                 qc_pairs: int = 20, image_size: Sequence[int] = (48, 48, 48)) -> None:
+        if len(seeds) < 2:
+            raise ValueError(f"a comparison over seeds needs at least 2 seeds, got {list(seeds)}")
+        self.dataset_dir = os.path.abspath(dataset_dir)
+        self.datalist_file = os.path.abspath(datalist_file)
+        self.output_dir = Path(output_dir).resolve()
+        self.gan_configs = Path(gan_config_dir).resolve()
+        self.downstream_configs = Path(downstream_config_dir).resolve()
+        self.gan_variants = dict(gan_variants)
+        self.gan_overrides = flatten_overrides(gan_overrides)
+        self.synthesis_overrides = flatten_overrides(synthesis_overrides)
+        self.downstream_files = {name: [Path(f).resolve() for f in spec.get("config_files", [])]
+                                 for name, spec in downstream_models.items()}
+        self.downstream_models = {name: {**flatten_overrides(spec.get("overrides", {})),
+                                         **flatten_overrides(downstream_overrides)}
+                                  for name, spec in downstream_models.items()}
+        self.seeds = [int(s) for s in seeds]
+        self.gan_seed = int(gan_seed)
+        self.qc_pairs = int(qc_pairs)
+        self.image_size = [int(s) for s in image_size]
+        self.timings: dict[str, float] = {}
+
+    # -- runs ---------------------------------------------------------------------------------------
+    def _run(self, step: str, done: Path, config_files: Sequence[Path], **overrides) -> None:
+        """One bundle run, skipped when its output ``done`` exists (resume)."""
+        if done.exists():
+            print(f"[study] {step}: done before ({done})")
+            return
+        print(f"[study] {step} ...", flush=True)
+        start = time.perf_counter()
+        run_bundle(config_file=[str(c) for c in config_files], **overrides)
+        self.timings[step] = time.perf_counter() - start
+        if not done.exists():
+            raise RuntimeError(f"study step {step} finished without writing {done}")
+
+    def gan_datalist(self, variant: str) -> Path:
+        """Train one GAN variant, synthesise with it, and return its merged real + synthetic datalist."""
+        root = self.output_dir / "gan" / variant
+        common = {"bundle_root": str(root), "dataset_dir": self.dataset_dir, "datalist_file": self.datalist_file,
+                  "seed": self.gan_seed}
+        self._run(f"train GAN {variant}", root / "models" / "model.pt", [self.gan_configs / "train.json"],
+                  **common, **{"loss#age_weight": self.gan_variants[variant]}, **self.gan_overrides)
+        merged = root / "eval" / "synthetic" / "datalist.json"
+        self._run(f"synthesise {variant}", merged,
+                  [self.gan_configs / "inference.json", self.gan_configs / "generate.json"],
+                  **common, **{"region_maps#_disabled_": True}, **self.synthesis_overrides)
+        return merged
+
+    def downstream(self, model: str, condition: str, datalist: Path, seed: int) -> Path:
+        """Train and test one downstream model; return its folder (``eval/test_predictions.csv``)."""
+        root = self.output_dir / "downstream" / model / condition / f"seed{seed}"
+        common = {"bundle_root": str(root), "dataset_dir": self.dataset_dir, "datalist_file": str(datalist),
+                  "seed": seed, **self.downstream_models[model]}
+        self._run(f"train {model} on {condition} (seed {seed})", root / "models" / "model.pt",
+                  self._downstream_configs(model), **common)
+        self._run(f"test {model} on {condition} (seed {seed})", root / "eval" / "test_predictions.csv",
+                  self._downstream_configs(model, "evaluate.json"), **common)
+        return root
+
+    def _downstream_configs(self, model: str, *extra: str) -> list[Path]:
+        return [self.downstream_configs / "train.json", *self.downstream_files[model],
+                *(self.downstream_configs / name for name in extra)]
+
+    def synthetic_qc(self, model: str, variant: str, datalist: Path, independent: Path) -> dict:
+        """MAE of the real-only model on a variant's synthetic volumes vs their assigned ages, and
+        diversity: mean pairwise MS-SSIM among synthetic and among real training volumes."""
+        records = read_datalist(datalist)["training"]
+        synthetic = [r for r in records if r.get("synthetic")]
+        real = [r for r in records if not r.get("synthetic")]
+        # the training split is there because train.json sizes the network's output from it
+        qc_list = write_datalist(self.output_dir / "qc" / f"{variant}_synthetic.json",
+                                 {"training": real, "synthetic": synthetic})
+        out = self.output_dir / "qc" / f"{model}_on_{variant}"
+        self._run(f"QC {model} on {variant} synthetic", out / "synthetic_predictions.csv",
+                  self._downstream_configs(model, "evaluate.json"), **self.downstream_models[model],
+                  bundle_root=str(independent), output_dir=str(out), dataset_dir=self.dataset_dir,
+                  datalist_file=str(qc_list), eval_split="synthetic")
+        errors = list(_test_errors(out / "synthetic_predictions.csv").values())
+        rng = np.random.default_rng(self.gan_seed)
+        return {"variant": variant, "n_synthetic": len(synthetic), "regressor": model,
+                "regressor_mae_on_synthetic": float(np.mean(errors)),
+                "ms_ssim_synthetic": mean_pairwise_ms_ssim([r["image"] for r in synthetic], self.qc_pairs, rng),
+                "ms_ssim_real": mean_pairwise_ms_ssim([r["image"] for r in real], self.qc_pairs, rng)}
+
+    # -- the study ----------------------------------------------------------------------------------
+    def run(self) -> Path:
+        """Run (or resume) every step and write the report; return the markdown report's path."""
+        conditions = {REAL: Path(self.datalist_file)}
+        conditions.update({variant: self.gan_datalist(variant) for variant in self.gan_variants})
+        errors = {}  # (model, condition, seed) -> {subject: absolute error}
+        for model in self.downstream_models:
+            for condition, datalist in conditions.items():
+                for seed in self.seeds:
+                    folder = self.downstream(model, condition, datalist, seed)
+                    errors[model, condition, seed] = _test_errors(folder / "eval" / "test_predictions.csv")
+        qc_model = next(iter(self.downstream_models))
+        independent = self.output_dir / "downstream" / qc_model / REAL / f"seed{self.seeds[0]}"
+        qc = [self.synthetic_qc(qc_model, v, conditions[v], independent) for v in self.gan_variants]
+        n_train = {c: len(read_datalist(d)["training"]) for c, d in conditions.items()}
+        return self.write_report(n_train, errors, qc)
+
+    def write_report(self, n_train: dict[str, int], errors: dict, qc: list[dict]) -> Path:
+        rows, tests = summarise(errors, list(self.downstream_models), list(n_train), self.seeds)
+        for row in rows:
+            row["n_train"] = n_train[row["condition"]]
+        out = self.output_dir
+        write_csv(out / "results.csv", rows)
+        write_csv(out / "paired_tests.csv", tests)
+        write_csv(out / "synthetic_qc.csv", qc)
+        plot_condition_bars(rows, out / "results.png")
+        lines = ["# TGB-GAN augmentation study", "",
+                 f"Real cohort: `{self.datalist_file}`; seeds {self.seeds}; test MAE in years (mean ± SD over seeds).",
+                 "", "| model | training data | n train | test MAE | per seed |", "|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['condition']} | {r['n_train']} | {r['mae_mean']:.2f} ± {r['mae_std']:.2f} | "
+                  f"{r['mae_per_seed']} |" for r in rows]
+        lines += ["", "Paired tests: Wilcoxon signed-rank over test subjects (absolute error averaged over seeds) "
+                  "and paired t-test over seeds (per-seed MAE).", "",
+                  "| model | A | B | MAE A − B | Wilcoxon p | t-test p |", "|---|---|---|---|---|---|"]
+        lines += [f"| {t['model']} | {t['a']} | {t['b']} | {t['mae_difference']:+.2f} | {t['wilcoxon_p']:.3g} | "
+                  f"{t['paired_t_p']:.3g} |" for t in tests]
+        lines += ["", "Synthetic-data QC: the real-only model (first seed) on the synthetic volumes vs their assigned "
+                  "ages; diversity as mean pairwise MS-SSIM (lower = more diverse).", "",
+                  "| GAN | n synthetic | regressor | MAE on synthetic | MS-SSIM synthetic | MS-SSIM real |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {q['variant']} | {q['n_synthetic']} | {q['regressor']} | {q['regressor_mae_on_synthetic']:.2f} | "
+                  f"{q['ms_ssim_synthetic']:.3f} | {q['ms_ssim_real']:.3f} |" for q in qc]
+        if self.timings:
+            lines += ["", "Step times this run (s): " + ", ".join(f"{k} {v:.0f}" for k, v in self.timings.items())]
+        lines += ["", "![test MAE by training data](results.png)", ""]
+        report = out / "results.md"
+        with atomic_path(report) as tmp:
+            Path(tmp).write_text("\n".join(lines))
+        print(f"[study] report: {report}")
+        return report
+
+
+def flatten_overrides(overrides: Mapping, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a#b": 1}`` (bundle override ids)."""
+    flat = {}
+    for key, value in overrides.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten_overrides(value, f"{name}#"))
+        else:
+            flat[name] = value
+    return flat
+
+
+def summarise(errors: dict, models: list[str], conditions: list[str], seeds: list[int]) -> tuple[list, list]:
+    """Per (model, condition): MAE mean/SD over seeds; per model and pair of conditions: paired tests."""
+    rows, tests = [], []
+    for model in models:
+        per_seed = {c: [float(np.mean(list(errors[model, c, s].values()))) for s in seeds] for c in conditions}
+        for c in conditions:
+            rows.append({"model": model, "condition": c, "n_train": 0, "mae_mean": float(np.mean(per_seed[c])),
+                         "mae_std": float(np.std(per_seed[c], ddof=1)),
+                         "mae_per_seed": " ".join(f"{m:.2f}" for m in per_seed[c])})
+        subjects = sorted(errors[model, conditions[0], seeds[0]])
+        mean_error = {c: np.array([np.mean([errors[model, c, s][subj] for s in seeds]) for subj in subjects])
+                      for c in conditions}
+        for a, b in combinations(conditions, 2):
+            tests.append({"model": model, "a": a, "b": b,
+                          "mae_difference": float(np.mean(per_seed[a]) - np.mean(per_seed[b])),
+                          "wilcoxon_p": float(stats.wilcoxon(mean_error[a], mean_error[b]).pvalue),
+                          "paired_t_p": float(stats.ttest_rel(per_seed[a], per_seed[b]).pvalue)})
+    return rows, tests
+
+
+def mean_pairwise_ms_ssim(images: Sequence[str], pairs: int, rng: np.random.Generator) -> float:
+    """Mean MS-SSIM over ``pairs`` random distinct pairs: a 7-voxel window and up to 3 scales, as many as
+    the volume size allows (MS-SSIM needs size > 6 * 2^(scales - 1): 3 scales at 48^3, 2 at 16^3)."""
+    from monai.transforms import Compose, EnsureChannelFirst, LoadImage, ScaleIntensity
+
+    if len(images) < 2:
+        return float("nan")
+    load = Compose([LoadImage(image_only=True), EnsureChannelFirst(), ScaleIntensity(0.0, 1.0)])
+    chosen = [rng.choice(len(images), size=2, replace=False) for _ in range(pairs)]
+    volumes = {i: load(images[i])[None].float() for i in {int(k) for pair in chosen for k in pair}}
+    size = min(next(iter(volumes.values())).shape[2:])
+    scales = max(1, min(3, int(np.log2((size - 1) / 6)) + 1))
+    metric = MultiScaleSSIMMetric(spatial_dims=3, data_range=1.0, kernel_size=7, weights=(1 / scales,) * scales)
+    scores = [metric(volumes[int(i)], volumes[int(j)]).item() for i, j in chosen]
+    return float(np.mean(scores))
+
