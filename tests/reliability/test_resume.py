@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -23,28 +24,33 @@ from data_prep.datalist import read_datalist
 from data_prep.preprocess import preprocess_datalist
 from reliability_helpers import BUNDLES, GAN_TINY, SLICE_TINY, bundle_command
 
-MAX_EPOCHS = 4
+MAX_EPOCHS = 3
+ITERATIONS = 4  # per epoch: 8 training volumes in batches of 2
 BUNDLE_CASES = {
-    "slice_cnn_brainage": (SLICE_TINY, ["model", "bias_correction", "optimizer", "trainer"]),
-    "tgb_gan_augment": (GAN_TINY, ["generator", "critic", "regressor", "g_optimizer", "d_optimizer", "g_lr_scheduler",
+    "slice_cnn_brainage": ({**SLICE_TINY, "train#dataloader#batch_size": 2}, ["model", "bias_correction", "optimizer", "trainer"]),
+    "tgb_gan_augment": ({**GAN_TINY, "batch_size": 2}, ["generator", "critic", "regressor", "g_optimizer", "d_optimizer", "g_lr_scheduler",
                                    "d_lr_scheduler", "trainer"]),
 }
 
 
-def _kill_after_first_checkpoint(command: list[str], cwd: Path, checkpoint: Path, log: Path) -> None:
+def _kill_mid_epoch(command: list[str], cwd: Path, log: Path) -> int:
+    """Start ``command``, SIGKILL it once it has logged the first iteration of an epoch after the first (so an
+    epoch checkpoint exists and the epoch is unfinished); return that epoch."""
     with open(log, "w") as out:
         process = subprocess.Popen(command, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 240
-        while not checkpoint.is_file():
-            assert process.poll() is None, f"run ended before its first checkpoint:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, "no checkpoint after 240 s"
+        while not (started := re.search(rf"Epoch: ([2-9])/{MAX_EPOCHS}, Iter: 1/{ITERATIONS} ", log.read_text())):
+            assert process.poll() is None, f"run ended before it was killed:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "no second epoch after 240 s"
             time.sleep(0.02)
         os.kill(process.pid, signal.SIGKILL)
         assert process.wait(timeout=60) == -signal.SIGKILL  # killed, not finished
+    return int(started.group(1))
 
 
 def _restored(bundle: str, root: Path, cohort: Path, epochs: int, tiny: dict):
-    """A workflow of the same command run to ``epochs`` (the checkpoint's epoch): it only restores."""
+    """The training workflow run in this process to ``epochs`` (resuming from ``root``'s checkpoint if any;
+    with ``epochs`` = the checkpoint's epoch it only restores)."""
     workflow = ConfigWorkflow(config_file=str(BUNDLES / bundle / "configs" / "train.json"), workflow_type=None,
                               bundle_root=str(root), dataset_dir=str(cohort),
                               **{**tiny, "train#trainer#max_epochs": epochs})
@@ -59,12 +65,13 @@ def test_sigkill_mid_training_then_the_same_command_resumes_and_finishes(tmp_pat
     root = tmp_path / "root"
     command = bundle_command(bundle, ["train"], root, cohort, **tiny, **{"train#trainer#max_epochs": MAX_EPOCHS})
     resume_file = root / "models" / "checkpoint_resume.pt"
-    _kill_after_first_checkpoint(command, BUNDLES / bundle, resume_file, tmp_path / "killed.log")
+    unfinished = _kill_mid_epoch(command, BUNDLES / bundle, tmp_path / "killed.log")
 
     at_kill = torch.load(resume_file, weights_only=True)  # whole: never half-written
     assert set(at_kill) == {*saved, "resume_state"}
-    killed_epoch = at_kill["trainer"]["iteration"] // at_kill["trainer"]["epoch_length"]
-    assert 1 <= killed_epoch < MAX_EPOCHS
+    assert at_kill["trainer"]["epoch_length"] == ITERATIONS
+    killed_epoch = at_kill["trainer"]["iteration"] // ITERATIONS
+    assert killed_epoch == unfinished - 1 and at_kill["trainer"]["iteration"] == killed_epoch * ITERATIONS
 
     # what a restart restores equals what was saved: networks, optimisers, best metrics, best-model list
     copy = tmp_path / "copy"
@@ -91,10 +98,9 @@ def test_sigkill_mid_training_then_the_same_command_resumes_and_finishes(tmp_pat
     assert f"resumed from {resume_file}: epoch {killed_epoch}" in log
     assert f"Epoch[{killed_epoch + 1}] Metrics -- " in log and f"Epoch[{killed_epoch}] Metrics" not in log
     final = torch.load(root / "models" / "checkpoint_last.pt", weights_only=True)
-    per_epoch = final["trainer"]["epoch_length"]
-    assert final["trainer"]["iteration"] == MAX_EPOCHS * per_epoch
+    assert final["trainer"]["iteration"] == MAX_EPOCHS * ITERATIONS
     optimizer_key = saved[2] if "optimizer" in saved else saved[3]
-    assert final[optimizer_key]["state"][0]["step"] == MAX_EPOCHS * per_epoch  # Adam went on counting
+    assert final[optimizer_key]["state"][0]["step"] == MAX_EPOCHS * ITERATIONS  # Adam went on counting
     if "g_lr_scheduler" in final:
         assert final["g_lr_scheduler"]["last_epoch"] == MAX_EPOCHS
     assert not list((root / "models").glob(".*part*"))
@@ -154,3 +160,16 @@ def test_preprocessing_removes_partial_files_of_a_killed_run(tmp_path):
     assert not partial.exists()
     assert [f["subject"] for f in summary.failures] == ["sub-1"]
     assert "not a readable NIfTI image" in (out / "failures.csv").read_text()
+
+
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, cohort):
+    """Networks, optimiser, trainer and random states all come back: stopping after epoch 1 and going on
+    to epoch 2 gives, bit for bit, the weights of one uninterrupted 2-epoch run."""
+    tiny = BUNDLE_CASES["slice_cnn_brainage"][0]
+    whole = _restored("slice_cnn_brainage", tmp_path / "whole", cohort, 2, tiny)
+    _restored("slice_cnn_brainage", tmp_path / "split", cohort, 1, tiny)
+    resumed = _restored("slice_cnn_brainage", tmp_path / "split", cohort, 2, tiny)
+    assert resumed.parser.get_parsed_content("train#trainer").state.iteration == 2 * ITERATIONS
+    expected = whole.parser.get_parsed_content("network").state_dict()
+    for key, value in resumed.parser.get_parsed_content("network").state_dict().items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=0)
