@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import time
@@ -72,24 +71,10 @@ def test_sigkill_mid_training_then_the_same_command_resumes_and_finishes(tmp_pat
     assert at_kill["trainer"]["epoch_length"] == ITERATIONS
     killed_epoch = at_kill["trainer"]["iteration"] // ITERATIONS
     assert killed_epoch == unfinished - 1 and at_kill["trainer"]["iteration"] == killed_epoch * ITERATIONS
-
-    # what a restart restores equals what was saved: networks, optimisers, best metrics, best-model list
-    copy = tmp_path / "copy"
-    shutil.copytree(root, copy)
-    restored = _restored(bundle, copy, cohort, killed_epoch, tiny)
-    network = restored.parser.get_parsed_content("network")
-    for key, value in at_kill[saved[0]].items():
-        torch.testing.assert_close(network.state_dict()[key], value)
-    optimizer = restored.parser.get_parsed_content("optimizer" if "optimizer" in saved else "g_optimizer")
-    assert optimizer.state_dict()["state"][0]["step"] == at_kill[saved[2 if "optimizer" in saved else 3]]["state"][0]["step"]
-    evaluator = restored.parser.get_parsed_content("validate#evaluator")
-    best = at_kill["resume_state"]["engines"]["validate"]
-    assert (evaluator.state.best_metric, evaluator.state.best_metric_epoch) == (best["best_metric"], best["best_metric_epoch"])
-    assert best["best_metric_epoch"] >= 1
-    (saved_list,) = at_kill["resume_state"]["best_model_savers"]  # model.pt's score, so a worse epoch keeps it
-    assert [score for score, _ in saved_list["_saved"]] == [-best["best_metric"]]
-    (saver,) = [h for h in restored.parser.get_parsed_content("validate#handlers") if isinstance(h, CheckpointSaver)]
-    assert saver._key_metric_checkpoint.state_dict()["_saved"] == saved_list["_saved"]
+    best = at_kill["resume_state"]["engines"]["validate"]  # with model.pt's score, so a worse epoch keeps it
+    assert 1 <= best["best_metric_epoch"] <= killed_epoch
+    (saver_state,) = at_kill["resume_state"]["best_model_savers"]
+    assert [score for score, _ in saver_state["_saved"]] == [-best["best_metric"]]
 
     # the same command again: resumes and trains the remaining epochs only
     rerun = subprocess.run(command, cwd=BUNDLES / bundle, capture_output=True, text=True, timeout=300)
@@ -173,3 +158,11 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, c
     expected = whole.parser.get_parsed_content("network").state_dict()
     for key, value in resumed.parser.get_parsed_content("network").state_dict().items():
         torch.testing.assert_close(value, expected[key], rtol=0, atol=0)
+    # the best validation metric and the best-model list span both epochs, as in the uninterrupted run
+    for engine in ("validate#evaluator", "train#trainer"):
+        states = [run.parser.get_parsed_content(engine).state for run in (whole, resumed)]
+        assert [(s.best_metric, s.best_metric_epoch) for s in states] == [(states[0].best_metric, states[0].best_metric_epoch)] * 2
+        assert states[0].best_metric_epoch >= 1
+    savers = [[h for h in run.parser.get_parsed_content("validate#handlers") if isinstance(h, CheckpointSaver)][0]
+              for run in (whole, resumed)]
+    assert savers[1]._key_metric_checkpoint.state_dict() == savers[0]._key_metric_checkpoint.state_dict()
