@@ -83,7 +83,8 @@ def check_checkpoint(path: str | os.PathLike, load_dict: Mapping[str, object], m
         checkpoint = {names[0]: checkpoint}
     missing = [name for name in names if name not in checkpoint]
     if missing:
-        raise InputError(f"{path}: has no {', '.join(map(repr, missing))} entry (it holds {_listing(checkpoint)}); "
+        raise InputError(f"{path}: has no {', '.join(map(repr, missing))} {'entry' if len(missing) == 1 else 'entries'} "
+                         f"(it holds {_listing(checkpoint)}); "
                          "it is not a checkpoint of this bundle and configuration")
     problems = [p for name in names for p in _fit_problems(name, checkpoint[name], unwrap(load_dict[name]))]
     if problems:

@@ -300,7 +300,7 @@ def test_checkpoint_of_the_other_bundle_is_refused_by_name(tmp_path, cohort):
     generator = TGBGenerator(encoder_channels=(4, 8), decoder_channels=(8, 4))
     torch.save(generator.state_dict(), slice_root / "models" / "model.pt")  # the GAN's model.pt, in the slice bundle
     message = _user_error(lambda: _initialize_and_run(_workflow("slice_cnn_brainage", ["train", "evaluate"], slice_root, cohort)))
-    assert message.startswith(f"{slice_root / 'models' / 'model.pt'}: has no 'model', 'bias_correction' entry "
+    assert message.startswith(f"{slice_root / 'models' / 'model.pt'}: has no 'model', 'bias_correction' entries "
                               "(it holds encoder.")
     network, bias = _slice_network(tmp_path / "a", cohort)
     torch.save({"model": network.state_dict(), "bias_correction": bias.state_dict()}, gan_root / "models" / "model.pt")
