@@ -1,4 +1,5 @@
-"""Crash-safe training: a per-epoch checkpoint of everything a run needs to go on, reloaded on restart.
+"""Crash-safe training: a per-epoch checkpoint of everything a run needs to go on, reloaded on restart, and
+checkpoint files that are never half-written (``AtomicCheckpointSaver``).
 
 MONAI's CheckpointSaver writes its final checkpoint on completion or on a Python exception, not when the
 process is killed (SIGKILL, out of memory, a pre-empted GPU job). ``TrainingResume`` writes
@@ -32,6 +33,29 @@ from data_prep.volumes import atomic_path
 
 logger = logging.getLogger(__name__)
 RESUME_KEY = "resume_state"
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """MONAI's CheckpointSaver, but every file (final, best-metric, interval) is written to a temporary file
+    in the same folder and renamed onto its name, so a kill mid-write never leaves a half-written one; and
+    a file of fixed name (``checkpoint_last.pt``, ``model.pt``) is not deleted before its replacement is
+    written (the rename replaces it), so there is always one whole file.
+
+    MONAI builds its disk saver with ``atomic=False`` (ignite's atomic write once left files readable by
+    their owner only; ignite 0.5 adds group and other read permission after the rename).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
+            if checkpoint is not None:
+                checkpoint.save_handler._atomic = True
+                if checkpoint.save_handler.filename is not None:
+                    checkpoint.save_handler.remove = _replaced_by_rename
+
+
+def _replaced_by_rename(filename: str) -> None:
+    """The ``remove`` of a fixed-name disk saver: nothing to delete, the next atomic write replaces the file."""
 
 
 class TrainingResume:

@@ -1,5 +1,6 @@
 """Crashes: a training run killed with SIGKILL resumes from its last epoch when the same command runs again;
-synthesis and preprocessing redo only what is missing and leave no partial files."""
+checkpoints are replaced whole or not at all; synthesis and preprocessing redo only what is missing and leave
+no partial files."""
 from __future__ import annotations
 
 import json
@@ -13,10 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from ignite.engine import Engine
 from monai.bundle import ConfigWorkflow
 from monai.handlers import CheckpointSaver
 
 from custom_components.networks.tgb_gan import TGBGenerator
+from custom_components.resume import AtomicCheckpointSaver
 from custom_components import synthesis
 from custom_components.synthesis import LatentSet, synthesise
 from data_prep.datalist import read_datalist
@@ -166,3 +169,29 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, c
     savers = [[h for h in run.parser.get_parsed_content("validate#handlers") if isinstance(h, CheckpointSaver)][0]
               for run in (whole, resumed)]
     assert savers[1]._key_metric_checkpoint.state_dict() == savers[0]._key_metric_checkpoint.state_dict()
+
+
+def test_checkpoint_files_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    network = torch.nn.Linear(2, 1)
+    saver = AtomicCheckpointSaver(str(tmp_path), {"model": network}, save_final=True, final_filename="last.pt")
+    engine = Engine(lambda engine, batch: None)
+    saver.attach(engine)
+    engine.run([0], max_epochs=1)
+    first = torch.load(tmp_path / "last.pt", weights_only=True)  # one object: saved as its state dict
+    assert (tmp_path / "last.pt").stat().st_mode & 0o044 == 0o044  # readable by group and others
+    real_save = torch.save
+
+    def killed_midway(obj, file, *args, **kwargs):
+        real_save(obj, file, *args, **kwargs)
+        file.truncate(10)
+        raise KeyboardInterrupt("killed while writing")
+
+    with torch.no_grad():
+        network.weight.add_(1.0)
+    monkeypatch.setattr(torch, "save", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        engine.run([0], max_epochs=1)
+    monkeypatch.setattr(torch, "save", real_save)
+    kept = torch.load(tmp_path / "last.pt", weights_only=True)  # the previous file, whole
+    torch.testing.assert_close(kept["weight"], first["weight"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
