@@ -53,6 +53,8 @@ class AugmentationStudy:
     Overrides are nested dicts, ``{"train": {"trainer": {"max_epochs": 5}}}``, applied leaf by leaf
     (``train#trainer#max_epochs``) so the rest of each section stays.
         seeds: downstream seeds, the same for every condition (the GANs use ``gan_seed``).
+        n_train_real: size of the small real training set, drawn from the datalist's training split with
+            ``gan_seed`` (None: all of it); the other splits are kept whole.
         qc_pairs: random image pairs for the MS-SSIM diversity measure.
     """
 
@@ -60,12 +62,13 @@ class AugmentationStudy:
                  downstream_config_dir: str, gan_variants: Mapping[str, float], gan_overrides: Mapping,
                  synthesis_overrides: Mapping, downstream_models: Mapping[str, Mapping],
                  downstream_overrides: Mapping, seeds: Sequence[int] = (0, 1, 2), gan_seed: int = 0,
-                 qc_pairs: int = 20, image_size: Sequence[int] = (48, 48, 48)) -> None:
+                 n_train_real: int | None = None, qc_pairs: int = 20,
+                 image_size: Sequence[int] = (48, 48, 48)) -> None:
         if len(seeds) < 2:
             raise ValueError(f"a comparison over seeds needs at least 2 seeds, got {list(seeds)}")
         self.dataset_dir = os.path.abspath(dataset_dir)
-        self.datalist_file = os.path.abspath(datalist_file)
         self.output_dir = Path(output_dir).resolve()
+        self.datalist_file = str(self._real_datalist(Path(datalist_file), n_train_real, int(gan_seed)))
         self.gan_configs = Path(gan_config_dir).resolve()
         self.downstream_configs = Path(downstream_config_dir).resolve()
         self.gan_variants = dict(gan_variants)
@@ -81,6 +84,19 @@ class AugmentationStudy:
         self.qc_pairs = int(qc_pairs)
         self.image_size = [int(s) for s in image_size]
         self.timings: dict[str, float] = {}
+
+    def _real_datalist(self, datalist_file: Path, n_train_real: int | None, seed: int) -> Path:
+        if n_train_real is None:
+            return datalist_file.resolve()
+        splits = read_datalist(datalist_file)
+        training = splits["training"]
+        if not 2 <= n_train_real <= len(training):
+            raise ValueError(f"n_train_real must be in [2, {len(training)}] for {datalist_file}, got {n_train_real}")
+        keep = np.sort(np.random.default_rng(seed).choice(len(training), size=n_train_real, replace=False))
+        path = self.output_dir / f"real_datalist_{n_train_real}.json"
+        if not path.exists():  # a resumed study keeps the subset it started with
+            write_datalist(path, {**splits, "training": [training[i] for i in keep]}, source_datalist=str(datalist_file))
+        return path
 
     # -- runs ---------------------------------------------------------------------------------------
     def _run(self, step: str, done: Path, config_files: Sequence[Path], **overrides) -> None:

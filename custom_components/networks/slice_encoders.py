@@ -25,6 +25,7 @@ SFCN2D_CHANNELS = (32, 64, 128, 256, 256)
 RESNET_LAYERS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
 RESNET_WIDTHS = (64, 128, 256, 512)
 IN_CHANNEL_MODES = ("repeat", "sum")
+SFCN_NORMS = {"instance": nn.InstanceNorm2d, "batch": nn.BatchNorm2d}
 
 
 class SFCN2DBlock(nn.Module):
@@ -43,10 +44,12 @@ class SFCN2DBlock(nn.Module):
     is faster; in eager mode the plain order is (InstanceNorm's backward is one native kernel there).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, fused_norm_pool: bool = False) -> None:
+    def __init__(self, in_channels: int, out_channels: int, fused_norm_pool: bool = False, norm: str = "instance") -> None:
         super().__init__()
+        if fused_norm_pool and norm != "instance":
+            raise ValueError("fused_norm_pool is an exact reordering for instance norm only (sfcn_norm='instance')")
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
-        self.norm = nn.InstanceNorm2d(out_channels)
+        self.norm = SFCN_NORMS[norm](out_channels)
         self.pool = nn.MaxPool2d(2)
         self.act = nn.ReLU(inplace=True)
         self.fused_norm_pool = fused_norm_pool
@@ -80,17 +83,20 @@ class SFCN2DEncoder(nn.Module):
         feature_dim: int = 64,
         dropout: float = 0.5,
         fused_norm_pool: bool = False,
+        norm: str = "instance",
     ) -> None:
         super().__init__()
         if len(channels) == 0:
             raise ValueError("channels must name at least one block width")
+        if norm not in SFCN_NORMS:
+            raise ValueError(f"unknown sfcn norm {norm!r}; expected one of {sorted(SFCN_NORMS)}")
         widths = [1, *channels]
         self.blocks = nn.Sequential(
-            *(SFCN2DBlock(c_in, c_out, fused_norm_pool) for c_in, c_out in zip(widths[:-1], widths[1:]))
+            *(SFCN2DBlock(c_in, c_out, fused_norm_pool, norm) for c_in, c_out in zip(widths[:-1], widths[1:]))
         )
         self.reduce = nn.Sequential(
             nn.Conv2d(widths[-1], feature_dim, kernel_size=1),
-            nn.InstanceNorm2d(feature_dim),
+            SFCN_NORMS[norm](feature_dim),
             nn.ReLU(inplace=True),
             nn.AdaptiveAvgPool2d(1),
             nn.Flatten(1),
@@ -210,13 +216,14 @@ def build_slice_encoder(
     in_channel_mode: str = "repeat",
     pretrained_weights: str | Path | None = None,
     fused_norm_pool: bool = False,
+    sfcn_norm: str = "instance",
 ) -> SFCN2DEncoder | ResNetSliceEncoder:
     """``name``: "sfcn2d", "resnet18" or "resnet34". The ``sfcn_*``, ``dropout`` and ``fused_norm_pool``
     options shape only "sfcn2d", ``in_channel_mode`` and ``pretrained_weights`` only the ResNets."""
     if name == "sfcn2d":
         if pretrained_weights is not None:
             raise ValueError("pretrained_weights apply to the ResNet encoders only, not to 'sfcn2d'")
-        return SFCN2DEncoder(embed_dim, sfcn_channels, sfcn_feature_dim, dropout, fused_norm_pool)
+        return SFCN2DEncoder(embed_dim, sfcn_channels, sfcn_feature_dim, dropout, fused_norm_pool, sfcn_norm)
     if name in RESNET_LAYERS:
         return ResNetSliceEncoder(name, embed_dim, in_channel_mode, pretrained_weights)
     raise ValueError(f"unknown encoder {name!r}; expected 'sfcn2d' or one of {sorted(RESNET_LAYERS)}")

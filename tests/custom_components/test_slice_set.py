@@ -350,3 +350,16 @@ def test_pretrained_weights_that_do_not_fit_are_named(resnet18_file, tmp_path):
         tiny_net(encoder="resnet18", pretrained_weights=tmp_path / "reshaped.pt")
     with pytest.raises(FileNotFoundError, match="absent.pt"):
         tiny_net(encoder="resnet18", pretrained_weights=tmp_path / "absent.pt")
+
+
+def test_sfcn_norm_choice_builds_batch_or_instance_norm_and_refuses_fused_batch_norm():
+    batch = SliceSetNet(spatial_shape=[8, 8, 8], sfcn_channels=[4, 8], sfcn_norm="batch")
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in batch.modules())
+    assert not any(isinstance(m, torch.nn.InstanceNorm2d) for m in batch.modules())
+    batch.train()
+    batch(torch.randn(2, 1, 8, 8, 8)).sum().backward()
+    assert float(batch.encoder.blocks[0].norm.running_var.mean()) != 1.0  # statistics were tracked
+    with pytest.raises(ValueError, match="instance norm only"):
+        SliceSetNet(spatial_shape=[8, 8, 8], sfcn_norm="batch", fused_norm_pool=True)
+    with pytest.raises(ValueError, match="unknown sfcn norm 'group'"):
+        SliceSetNet(spatial_shape=[8, 8, 8], sfcn_norm="group")
