@@ -67,10 +67,15 @@ def baseline_mae(n: int = BASELINE_N, resolution: float = BASELINE_RESOLUTION) -
     """Test MAE (years) of ridge on block-averaged voxels and of the constant predictor; training and
     validation subjects train."""
     with tempfile.TemporaryDirectory() as out:
-        splits = read_datalist(simulate_cohort(n=n, out=out, resolution=resolution, seed=0, progress=False))
-        train = splits["training"] + splits["validation"]
-        x_train, y_train = _features(train), np.array([rec["age"] for rec in train])
-        x_test, y_test = _features(splits["test"]), np.array([rec["age"] for rec in splits["test"]])
+        return ridge_and_constant_mae(read_datalist(simulate_cohort(n=n, out=out, resolution=resolution, seed=0,
+                                                                    progress=False)))
+
+
+def ridge_and_constant_mae(splits: dict[str, list[dict]]) -> tuple[float, float]:
+    """Test MAE of ridge (trained on training + validation) and of the constant (training mean) predictor."""
+    train = splits["training"] + splits["validation"]
+    x_train, y_train = _features(train), np.array([rec["age"] for rec in train])
+    x_test, y_test = _features(splits["test"]), np.array([rec["age"] for rec in splits["test"]])
     ridge = Ridge(alpha=1.0).fit(x_train, y_train)
     return np.abs(ridge.predict(x_test) - y_test).mean(), np.abs(y_train.mean() - y_test).mean()
 
