@@ -253,10 +253,9 @@ def test_shape_mismatch_is_refused_or_resampled_by_config(tmp_path, cohort, poli
     ("network_def#aggregation", "median", "unknown aggregation 'median'; expected one of"),
     ("network_def#encoder", "vgg16", "unknown encoder 'vgg16'; expected 'sfcn2d' or one of"),
 ])
-def test_unknown_component_name_gives_a_clean_message(tmp_path, cohort, option, value, expected):
+def test_unknown_component_name_gives_a_clean_message_before_any_data_is_loaded(tmp_path, cohort, option, value, expected):
     workflow = _workflow("slice_cnn_brainage", ["train"], tmp_path, cohort, **{option: value})
-    workflow.initialize()
-    message = _user_error(lambda: workflow.parser.get_parsed_content("network_def"))
+    message = _user_error(workflow.initialize)  # the network is built in initialize, before the datasets
     assert expected in message and message.endswith("(while building custom_components.networks.slice_set.SliceSetNet)")
 
 
@@ -265,8 +264,7 @@ def test_pretrained_weights_with_wrong_keys_and_shapes(tmp_path, cohort):
     torch.save({"conv1.weight": torch.zeros(64, 3, 3, 3), "layer9.weight": torch.zeros(1)}, weights)
     workflow = _workflow("slice_cnn_brainage", ["train"], tmp_path, cohort, **{
         "network_def#encoder": "resnet18", "network_def#pretrained_weights": str(weights)})
-    workflow.initialize()
-    message = _user_error(lambda: workflow.parser.get_parsed_content("network_def"))
+    message = _user_error(workflow.initialize)
     assert f"pretrained ResNet weights in {weights} do not fit the 2D ResNet" in message
     assert "unexpected keys: layer9.weight" in message
     assert "conv1.weight: file (64, 3, 3, 3) vs model (64, 3, 7, 7)" in message
