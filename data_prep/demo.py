@@ -42,7 +42,7 @@ GAN_CONFIGS = Path("bundles") / "tgb_gan_augment" / "configs"
 # them); *_training keys exist in the training config only.
 GAN_NETWORK = {"network_def#encoder_channels": [8, 16, 32, 32], "network_def#decoder_channels": [32, 16, 8, 8]}
 GAN_TRAINING = {"critic_def#channels": [8, 16, 32, 32], "regressor_def#channels": [4, 8, 16, 32],
-                "regressor_def#hidden": [64, 32], "learning_rate": 0.0005}
+                "regressor_def#hidden": [64, 32]}
 SLICE_NETWORK = {"network_def#aggregation": "attention", "network_def#sfcn_channels": [16, 32, 64, 64, 64]}
 SLICE_TRAINING = {"optimizer#lr": 0.001}
 AD_FRACTION = 0.5
@@ -103,7 +103,7 @@ class DemoSettings:
     n_ad_subjects: int = 100
     resolution: float = 4.0
     seed: int = 0
-    gan_epochs: int = 10
+    gan_epochs: int = 8
     target_per_bin: int = 4
     slice_epochs: int = 10
     ad_epochs: int = 10
@@ -170,6 +170,11 @@ def bundle_run(configs: list[Path], **overrides) -> list[str]:
     for key, value in overrides.items():
         argv += [f"--{key}", cli_value(value)]
     return argv
+
+
+def report_argv(out: Path) -> list[str]:
+    """The command that (re)writes the report of the demo in ``out``."""
+    return [sys.executable, "-m", "data_prep.demo_report", "--out", str(out)]
 
 
 def demo_steps(out: Path, settings: DemoSettings, ixi_datalist: Path | None) -> list[Step]:
@@ -243,8 +248,7 @@ def demo_steps(out: Path, settings: DemoSettings, ixi_datalist: Path | None) -> 
                             **slice_net),
                  str(at.ixi_predictions)),
         ]
-    steps.append(Step("write_report", [sys.executable, "-m", "data_prep.demo_report", "--out", str(out)],
-                      f"{at.report} and {at.report.with_suffix('.html')}"))
+    steps.append(Step("write_report", report_argv(out), f"{at.report} and {at.report.with_suffix('.html')}"))
     return [Step(f"{i:02d}_{step.name}", step.argv, step.outputs) for i, step in enumerate(steps, start=1)]
 
 

@@ -12,6 +12,7 @@ import base64
 import csv
 import html
 import json
+import shlex
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,7 +21,7 @@ import nibabel as nib
 import numpy as np
 
 from .datalist import read_datalist
-from .demo import DemoLayout
+from .demo import DemoLayout, report_argv
 from .volumes import InputError, atomic_path
 
 IXI_WARNING = (
@@ -261,7 +262,7 @@ def ixi_section(at: DemoLayout) -> list[tuple]:
     ]
 
 
-def steps_section(steps: list[dict], repository: str) -> list[tuple]:
+def steps_section(steps: list[dict], repository: str, out: Path) -> list[tuple]:
     total = sum(s["seconds"] for s in steps)
     cpu = sum(s["cpu_seconds"] for s in steps)
     blocks = [
@@ -277,7 +278,7 @@ def steps_section(steps: list[dict], repository: str) -> list[tuple]:
     ]
     for s in steps:
         blocks += [heading(3, s["name"]), code(s["command"])]
-    return blocks
+    return blocks + [heading(3, "this report"), code(shlex.join(report_argv(out)))]
 
 
 def write_report(out: str = "runs/demo") -> Path:
@@ -296,7 +297,7 @@ def write_report(out: str = "runs/demo") -> Path:
         *ad_section(at),
         *gan_section(at),
         *ixi_section(at),
-        *steps_section(steps, record["repository"]),
+        *steps_section(steps, record["repository"], at.out),
     ]
     with atomic_path(at.report) as tmp:
         tmp.write_text(to_markdown(blocks, at.out))
