@@ -100,7 +100,9 @@ class AugmentationStudy:
 
     # -- runs ---------------------------------------------------------------------------------------
     def _run(self, step: str, done: Path, config_files: Sequence[Path], **overrides) -> None:
-        """One bundle run, skipped when its output ``done`` exists (resume)."""
+        """One bundle run, skipped when its output ``done`` exists. For training runs ``done`` is the final
+        checkpoint, written only when training ends: a killed run is rerun and resumes from its per-epoch
+        checkpoint (the bundles' ``resume``)."""
         if done.exists():
             print(f"[study] {step}: done before ({done})")
             return
@@ -116,7 +118,7 @@ class AugmentationStudy:
         root = self.output_dir / "gan" / variant
         common = {"bundle_root": str(root), "dataset_dir": self.dataset_dir, "datalist_file": self.datalist_file,
                   "seed": self.gan_seed}
-        self._run(f"train GAN {variant}", root / "models" / "model.pt", [self.gan_configs / "train.json"],
+        self._run(f"train GAN {variant}", root / "models" / "checkpoint_last.pt", [self.gan_configs / "train.json"],
                   **common, **{"loss#age_weight": self.gan_variants[variant]}, **self.gan_overrides)
         merged = root / "eval" / "synthetic" / "datalist.json"
         self._run(f"synthesise {variant}", merged,
@@ -129,7 +131,7 @@ class AugmentationStudy:
         root = self.output_dir / "downstream" / model / condition / f"seed{seed}"
         common = {"bundle_root": str(root), "dataset_dir": self.dataset_dir, "datalist_file": str(datalist),
                   "seed": seed, **self.downstream_models[model]}
-        self._run(f"train {model} on {condition} (seed {seed})", root / "models" / "model.pt",
+        self._run(f"train {model} on {condition} (seed {seed})", root / "models" / "checkpoint_last.pt",
                   self._downstream_configs(model), **common)
         self._run(f"test {model} on {condition} (seed {seed})", root / "eval" / "test_predictions.csv",
                   self._downstream_configs(model, "evaluate.json"), **common)

@@ -309,7 +309,7 @@ def test_multi_gpu_config_trains_with_two_cpu_processes(tmp_path, cohort):
     result = subprocess.run(command, cwd=BUNDLE, env=env, capture_output=True, text=True, timeout=240)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
-    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["checkpoint_epoch=1.pt", "checkpoint_last.pt", "model.pt"]
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["checkpoint_epoch=1.pt", "checkpoint_last.pt", "checkpoint_resume.pt", "model.pt"]
     checkpoint = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
     assert not any(key.startswith("module.") for key in checkpoint["model"])  # saved unwrapped from DDP
     # validation is gathered from both ranks, and reported once
