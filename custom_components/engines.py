@@ -82,6 +82,11 @@ class TaskGuidedGANTrainer(Trainer):
         d_optimizer: optimiser over the critic's parameters.
         loss: the task-guided loss; its ``age_weight`` selects TGB-GAN or the ablation.
         d_train_steps: critic updates per iteration.
+        warmup_iterations: the first iterations train the generator on the reconstruction term alone (no
+            critic update, no age term), so the adversarial and age terms start from a generator that
+            reconstructs. Measured on the 4 mm cohort (widths 8-32, batch 8): from scratch, the full loss
+            kept L1 at 0.16-0.18 for 50 steps at lr 1e-4 and diverged at 5e-4; after 60 L1-only steps
+            (lr 1e-3, L1 0.053) the full loss at lr 1e-4 held L1 at 0.053-0.055 while the age error fell.
         grad_clip_norm: when given, clip each optimiser's gradients to this total 2-norm before stepping.
         prepare_batch: returns ``(images, ages)``; defaults to :class:`~custom_components.data.PrepareImageTarget` with keys
             ``image`` and ``age``.
@@ -99,6 +104,7 @@ class TaskGuidedGANTrainer(Trainer):
         d_optimizer: Optimizer,
         loss: TaskGuidedGANLoss,
         d_train_steps: int = 1,
+        warmup_iterations: int = 0,
         grad_clip_norm: float | None = None,
         epoch_length: int | None = None,
         non_blocking: bool = False,
@@ -119,6 +125,8 @@ class TaskGuidedGANTrainer(Trainer):
     ) -> None:
         if isinstance(d_train_steps, bool) or not isinstance(d_train_steps, int) or d_train_steps < 1:
             raise ValueError(f"d_train_steps must be a positive integer, got {d_train_steps!r}")
+        if isinstance(warmup_iterations, bool) or not isinstance(warmup_iterations, int) or warmup_iterations < 0:
+            raise ValueError(f"warmup_iterations must be a non-negative integer, got {warmup_iterations!r}")
         if grad_clip_norm is not None and not grad_clip_norm > 0:
             raise ValueError(f"grad_clip_norm must be positive or None, got {grad_clip_norm!r}")
         if regressor is None and loss.uses_age:
@@ -155,6 +163,7 @@ class TaskGuidedGANTrainer(Trainer):
         self.d_optimizer = d_optimizer
         self.loss_function = loss
         self.d_train_steps = d_train_steps
+        self.warmup_iterations = warmup_iterations
         self.grad_clip_norm = grad_clip_norm
         self.optim_set_to_none = optim_set_to_none
         self.g_scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
@@ -194,6 +203,15 @@ class TaskGuidedGANTrainer(Trainer):
         with engine._autocast():
             fake = engine.generator(real)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+
+        if engine.state.iteration <= engine.warmup_iterations:
+            g_total, g_terms = loss.reconstruction_loss(fake, real)
+            engine.fire_event(IterationEvents.LOSS_COMPLETED)
+            engine._step("generator", g_total, g_terms, engine.g_optimizer, engine.g_scaler)
+            engine.state.output = {TGBGANKeys.IMAGE: real, TGBGANKeys.RECONSTRUCTION: fake.detach(),
+                                   TGBGANKeys.LOSSES: {key: float(value) for key, value in g_terms.items()}}
+            engine.fire_event(IterationEvents.MODEL_COMPLETED)
+            return engine.state.output
 
         for _ in range(engine.d_train_steps):
             engine.fire_event(IterationEvents.INNER_ITERATION_STARTED)

@@ -94,6 +94,12 @@ class TaskGuidedGANLoss(nn.Module):
         total = -wasserstein + self.gp_weight * gp
         return total, {"d_loss": total.detach(), "wasserstein": wasserstein.detach(), "gp": gp.detach()}
 
+    def reconstruction_loss(self, fake: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The generator's reconstruction term alone (the trainer's warm-up): ``l1_weight * L1``."""
+        l1 = F.l1_loss(fake, real)
+        total = self.l1_weight * l1
+        return total, {"l1": l1.detach(), "g_loss": total.detach()}
+
     def generator_loss(
         self,
         fake_scores: torch.Tensor,

@@ -107,6 +107,22 @@ def test_ablation_never_runs_or_updates_the_regressor():
     assert TGBGANKeys.PRED_AGE not in trainer.state.output
 
 
+def test_warmup_iterations_train_the_generator_on_reconstruction_alone_then_the_full_loss():
+    trainer = make_trainer(loader=make_loader(n=6), warmup_iterations=2)
+    d_calls, g_calls = count_steps(trainer.d_optimizer), count_steps(trainer.g_optimizer)
+    critic_before, regressor_before = snapshot(trainer.critic, trainer.regressor)
+    seen = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED,
+                              lambda e: seen.append((len(d_calls), set(e.state.output[TGBGANKeys.LOSSES]))))
+    trainer.run()
+    assert seen[:2] == [(0, {"l1", "g_loss"}), (0, {"l1", "g_loss"})]  # no critic step, no age term
+    assert seen[2] == (1, {"g_loss", "adv", "l1", "age_mse", "d_loss", "wasserstein", "gp"})
+    assert len(g_calls) == 3 and all(changed(critic_before, trainer.critic))
+    assert any(changed(regressor_before, trainer.regressor))
+    with pytest.raises(ValueError, match="warmup_iterations"):
+        make_trainer(warmup_iterations=-1)
+
+
 def test_non_finite_critic_loss_stops_before_any_update():
     trainer = make_trainer(loader=make_loader(nan_key="image"))
     nets = (trainer.generator, trainer.critic, trainer.regressor)
