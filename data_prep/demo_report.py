@@ -4,7 +4,7 @@ Reads ``<out>/steps.json`` (commands, logs, times; written by ``data_prep.demo``
 step (metrics JSON/CSV, plots, the GAN's synthetic datalist, region-map scores, IXI predictions), draws
 one figure of its own (real / GAN-reconstructed / synthetic test volumes) and writes the same content
 twice: Markdown with images by relative path, HTML with images embedded as base64 so the file opens
-anywhere. Re-run alone: ``python -m data_prep.demo_report --out runs/demo``.
+anywhere. Re-run alone: ``python -m data_prep demo-report --out runs/demo``.
 """
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import csv
 import html
 import json
 import shlex
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -305,23 +304,3 @@ def write_report(out: str = "runs/demo") -> Path:
         tmp.write_text(to_html(blocks, title))
     print(f"wrote {at.report} and {at.report.with_suffix('.html')}")
     return at.report
-
-
-def report_command(out: str = "runs/demo") -> None:
-    """Write <out>/report.md and <out>/report.html from the finished demo in <out> (python -m data_prep demo)."""
-    write_report(out)
-
-
-def main(argv: list[str] | None = None) -> int:
-    import fire
-
-    try:
-        fire.Fire(report_command, command=sys.argv[1:] if argv is None else argv, name="python -m data_prep.demo_report")
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
