@@ -87,6 +87,9 @@ class TaskGuidedGANTrainer(Trainer):
             reconstructs. Measured on the 4 mm cohort (widths 8-32, batch 8): from scratch, the full loss
             kept L1 at 0.16-0.18 for 50 steps at lr 1e-4 and diverged at 5e-4; after 60 L1-only steps
             (lr 1e-3, L1 0.053) the full loss at lr 1e-4 held L1 at 0.053-0.055 while the age error fell.
+        warmup_optimizer: the optimiser of the warm-up steps (its own learning rate and moments, so a fast
+            reconstruction warm-up does not disturb the adversarial phase's Adam state); defaults to
+            ``g_optimizer``.
         grad_clip_norm: when given, clip each optimiser's gradients to this total 2-norm before stepping.
         prepare_batch: returns ``(images, ages)``; defaults to :class:`~custom_components.data.PrepareImageTarget` with keys
             ``image`` and ``age``.
@@ -105,6 +108,7 @@ class TaskGuidedGANTrainer(Trainer):
         loss: TaskGuidedGANLoss,
         d_train_steps: int = 1,
         warmup_iterations: int = 0,
+        warmup_optimizer: Optimizer | None = None,
         grad_clip_norm: float | None = None,
         epoch_length: int | None = None,
         non_blocking: bool = False,
@@ -164,6 +168,7 @@ class TaskGuidedGANTrainer(Trainer):
         self.loss_function = loss
         self.d_train_steps = d_train_steps
         self.warmup_iterations = warmup_iterations
+        self.warmup_optimizer = g_optimizer if warmup_optimizer is None else warmup_optimizer
         self.grad_clip_norm = grad_clip_norm
         self.optim_set_to_none = optim_set_to_none
         self.g_scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
@@ -207,7 +212,7 @@ class TaskGuidedGANTrainer(Trainer):
         if engine.state.iteration <= engine.warmup_iterations:
             g_total, g_terms = loss.reconstruction_loss(fake, real)
             engine.fire_event(IterationEvents.LOSS_COMPLETED)
-            engine._step("generator", g_total, g_terms, engine.g_optimizer, engine.g_scaler)
+            engine._step("generator", g_total, g_terms, engine.warmup_optimizer, engine.g_scaler)
             engine.state.output = {TGBGANKeys.IMAGE: real, TGBGANKeys.RECONSTRUCTION: fake.detach(),
                                    TGBGANKeys.LOSSES: {key: float(value) for key, value in g_terms.items()}}
             engine.fire_event(IterationEvents.MODEL_COMPLETED)

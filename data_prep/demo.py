@@ -103,7 +103,7 @@ class DemoSettings:
     n_ad_subjects: int = 100
     resolution: float = 4.0
     seed: int = 0
-    gan_epochs: int = 8
+    gan_epochs: int = 40
     target_per_bin: int = 4
     slice_epochs: int = 10
     ad_epochs: int = 10

@@ -29,7 +29,7 @@ SIZE = 16
 AFFINE = canonical_grid(12.0).affine
 GENERATOR = {"image_size": [SIZE] * 3, "network_def#encoder_channels": [4, 8], "network_def#decoder_channels": [8, 4]}
 TINY = {**GENERATOR, "critic_def#channels": [4, 8], "regressor_def#channels": [2, 4], "regressor_def#hidden": [8],
-        "batch_size": 4, "n_grid_images": 2}
+        "batch_size": 4, "n_grid_images": 2, "warmup_iterations": 0}
 # training ages: integer bins 30, 45 and 60 hold two or three subjects each; the rest one
 TRAIN_AGES = [20.0, 25.0, 29.8, 30.1, 30.4, 35.0, 45.2, 44.6, 50.0, 55.0, 60.0, 60.3, 70.0, 80.0]
 VAL_AGES, TEST_AGES = [33.0, 58.0, 77.0], [40.0, 65.0, 85.0]
@@ -94,8 +94,8 @@ def test_train_writes_checkpoints_figures_and_metrics(trained):
     assert np.isfinite(age_metrics["val_branch_age_mae"])
 
     last = torch.load(root / "models" / "checkpoint_last.pt", weights_only=True)
-    assert set(last) == {"generator", "critic", "regressor", "g_optimizer", "d_optimizer", "g_lr_scheduler",
-                         "d_lr_scheduler", "trainer"}
+    assert set(last) == {"generator", "critic", "regressor", "g_optimizer", "d_optimizer", "warmup_optimizer",
+                         "g_lr_scheduler", "d_lr_scheduler", "trainer"}
     assert last["trainer"]["iteration"] == 2 * last["trainer"]["epoch_length"]
     assert last["g_lr_scheduler"]["last_epoch"] == 2
     model = torch.load(root / "models" / "model.pt", weights_only=True)  # the generator's plain state dict

@@ -35,6 +35,9 @@ def make_trainer(loader=None, age_weight=0.1, optimiser=torch.optim.Adam, lr=1e-
     critic = WGANCritic(channels=(4, 8))
     regressor = ResidualAgeRegressor(channels=(2, 4), hidden=(8,), spatial_shape=(SIZE,) * 3, init_bias=23.0)
     g_params = list(generator.parameters()) + list(regressor.parameters())
+    warmup_lr = kwargs.pop("warmup_lr", None)
+    if warmup_lr is not None:
+        kwargs["warmup_optimizer"] = optimiser(generator.parameters(), lr=warmup_lr)
     return TaskGuidedGANTrainer(
         device="cpu",
         max_epochs=kwargs.pop("max_epochs", 1),
@@ -108,8 +111,9 @@ def test_ablation_never_runs_or_updates_the_regressor():
 
 
 def test_warmup_iterations_train_the_generator_on_reconstruction_alone_then_the_full_loss():
-    trainer = make_trainer(loader=make_loader(n=6), warmup_iterations=2)
+    trainer = make_trainer(loader=make_loader(n=6), warmup_iterations=2, warmup_lr=1e-2)
     d_calls, g_calls = count_steps(trainer.d_optimizer), count_steps(trainer.g_optimizer)
+    warm_calls = count_steps(trainer.warmup_optimizer)
     critic_before, regressor_before = snapshot(trainer.critic, trainer.regressor)
     seen = []
     trainer.add_event_handler(Events.ITERATION_COMPLETED,
@@ -117,7 +121,7 @@ def test_warmup_iterations_train_the_generator_on_reconstruction_alone_then_the_
     trainer.run()
     assert seen[:2] == [(0, {"l1", "g_loss"}), (0, {"l1", "g_loss"})]  # no critic step, no age term
     assert seen[2] == (1, {"g_loss", "adv", "l1", "age_mse", "d_loss", "wasserstein", "gp"})
-    assert len(g_calls) == 3 and all(changed(critic_before, trainer.critic))
+    assert len(warm_calls) == 2 and len(g_calls) == 1 and all(changed(critic_before, trainer.critic))
     assert any(changed(regressor_before, trainer.regressor))
     with pytest.raises(ValueError, match="warmup_iterations"):
         make_trainer(warmup_iterations=-1)

@@ -30,8 +30,8 @@ MAX_EPOCHS = 3
 ITERATIONS = 4  # per epoch: 8 training volumes in batches of 2
 BUNDLE_CASES = {
     "slice_cnn_brainage": ({**SLICE_TINY, "train#dataloader#batch_size": 2}, ["model", "bias_correction", "optimizer", "trainer"]),
-    "tgb_gan_augment": ({**GAN_TINY, "batch_size": 2}, ["generator", "critic", "regressor", "g_optimizer", "d_optimizer", "g_lr_scheduler",
-                                   "d_lr_scheduler", "trainer"]),
+    "tgb_gan_augment": ({**GAN_TINY, "batch_size": 2}, ["generator", "critic", "regressor", "g_optimizer", "d_optimizer",
+                                                          "warmup_optimizer", "g_lr_scheduler", "d_lr_scheduler", "trainer"]),
 }
 
 
