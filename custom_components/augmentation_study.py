@@ -49,21 +49,20 @@ class AugmentationStudy:
         downstream_models: name -> ``{"config_files": [...], "overrides": {...}}``: config files layered
             over the slice bundle's train.json (e.g. one that swaps ``network_def``) and overrides.
         downstream_overrides: overrides for every downstream run (epochs, learning rate).
-
-    Overrides are nested dicts, ``{"train": {"trainer": {"max_epochs": 5}}}``, applied leaf by leaf
-    (``train#trainer#max_epochs``) so the rest of each section stays.
         seeds: downstream seeds, the same for every condition (the GANs use ``gan_seed``).
         n_train_real: size of the small real training set, drawn from the datalist's training split with
             ``gan_seed`` (None: all of it); the other splits are kept whole.
         qc_pairs: random image pairs for the MS-SSIM diversity measure.
+
+    Overrides are nested dicts, ``{"train": {"trainer": {"max_epochs": 5}}}``, applied leaf by leaf
+    (``train#trainer#max_epochs``) so the rest of each section stays.
     """
 
     def __init__(self, dataset_dir: str, datalist_file: str, output_dir: str, gan_config_dir: str,
                  downstream_config_dir: str, gan_variants: Mapping[str, float], gan_overrides: Mapping,
                  synthesis_overrides: Mapping, downstream_models: Mapping[str, Mapping],
                  downstream_overrides: Mapping, seeds: Sequence[int] = (0, 1, 2), gan_seed: int = 0,
-                 n_train_real: int | None = None, qc_pairs: int = 20,
-                 image_size: Sequence[int] = (48, 48, 48)) -> None:
+                 n_train_real: int | None = None, qc_pairs: int = 20) -> None:
         if len(seeds) < 2:
             raise ValueError(f"a comparison over seeds needs at least 2 seeds, got {list(seeds)}")
         self.dataset_dir = os.path.abspath(dataset_dir)
@@ -82,7 +81,6 @@ class AugmentationStudy:
         self.seeds = [int(s) for s in seeds]
         self.gan_seed = int(gan_seed)
         self.qc_pairs = int(qc_pairs)
-        self.image_size = [int(s) for s in image_size]
         self.timings: dict[str, float] = {}
 
     def _real_datalist(self, datalist_file: Path, n_train_real: int | None, seed: int) -> Path:
@@ -180,9 +178,7 @@ class AugmentationStudy:
         return self.write_report(n_train, errors, qc)
 
     def write_report(self, n_train: dict[str, int], errors: dict, qc: list[dict]) -> Path:
-        rows, tests = summarise(errors, list(self.downstream_models), list(n_train), self.seeds)
-        for row in rows:
-            row["n_train"] = n_train[row["condition"]]
+        rows, tests = summarise(errors, list(self.downstream_models), n_train, self.seeds)
         out = self.output_dir
         write_csv(out / "results.csv", rows)
         write_csv(out / "paired_tests.csv", tests)
@@ -226,13 +222,15 @@ def flatten_overrides(overrides: Mapping, prefix: str = "") -> dict:
     return flat
 
 
-def summarise(errors: dict, models: list[str], conditions: list[str], seeds: list[int]) -> tuple[list, list]:
-    """Per (model, condition): MAE mean/SD over seeds; per model and pair of conditions: paired tests."""
+def summarise(errors: dict, models: list[str], n_train: dict[str, int], seeds: list[int]) -> tuple[list, list]:
+    """Per (model, condition): MAE mean/SD over seeds; per model and pair of conditions: paired tests.
+    ``n_train``: training-set size of each condition, in report order."""
+    conditions = list(n_train)
     rows, tests = [], []
     for model in models:
         per_seed = {c: [float(np.mean(list(errors[model, c, s].values()))) for s in seeds] for c in conditions}
         for c in conditions:
-            rows.append({"model": model, "condition": c, "n_train": 0, "mae_mean": float(np.mean(per_seed[c])),
+            rows.append({"model": model, "condition": c, "n_train": n_train[c], "mae_mean": float(np.mean(per_seed[c])),
                          "mae_std": float(np.std(per_seed[c], ddof=1)),
                          "mae_per_seed": " ".join(f"{m:.2f}" for m in per_seed[c])})
         subjects = sorted(errors[model, conditions[0], seeds[0]])

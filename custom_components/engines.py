@@ -213,10 +213,7 @@ class TaskGuidedGANTrainer(Trainer):
             g_total, g_terms = loss.reconstruction_loss(fake, real)
             engine.fire_event(IterationEvents.LOSS_COMPLETED)
             engine._step("generator", g_total, g_terms, engine.warmup_optimizer, engine.g_scaler)
-            engine.state.output = {TGBGANKeys.IMAGE: real, TGBGANKeys.RECONSTRUCTION: fake.detach(),
-                                   TGBGANKeys.LOSSES: {key: float(value) for key, value in g_terms.items()}}
-            engine.fire_event(IterationEvents.MODEL_COMPLETED)
-            return engine.state.output
+            return engine._finish(real, fake, g_terms)
 
         for _ in range(engine.d_train_steps):
             engine.fire_event(IterationEvents.INNER_ITERATION_STARTED)
@@ -231,16 +228,20 @@ class TaskGuidedGANTrainer(Trainer):
             g_total, g_terms = loss.generator_loss(fake_scores, fake, real, pred_age, age)
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         engine._step("generator", g_total, g_terms, engine.g_optimizer, engine.g_scaler)
+        return engine._finish(real, fake, {**g_terms, **d_terms}, age, pred_age)
 
+    def _finish(self, real: torch.Tensor, fake: torch.Tensor, terms: Mapping[str, torch.Tensor],
+                age: torch.Tensor | None = None, pred_age: torch.Tensor | None = None) -> dict[str, Any]:
+        """Set the iteration's output (images, loss values, ages when known), fire MODEL_COMPLETED, return it."""
         output: dict[str, Any] = {
             TGBGANKeys.IMAGE: real,
             TGBGANKeys.RECONSTRUCTION: fake.detach(),
-            TGBGANKeys.LOSSES: {key: float(value) for key, value in {**g_terms, **d_terms}.items()},
+            TGBGANKeys.LOSSES: {key: float(value) for key, value in terms.items()},
         }
         if age is not None:
             output[TGBGANKeys.AGE] = age
         if pred_age is not None:
             output[TGBGANKeys.PRED_AGE] = pred_age.detach()
-        engine.state.output = output
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)
-        return engine.state.output
+        self.state.output = output
+        self.fire_event(IterationEvents.MODEL_COMPLETED)
+        return output

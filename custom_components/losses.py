@@ -112,10 +112,10 @@ class TaskGuidedGANLoss(nn.Module):
 
         ``predicted_age`` and ``age`` are required when ``uses_age`` and ignored otherwise.
         """
+        total, terms = self.reconstruction_loss(fake, real)
         adv = -fake_scores.mean()
-        l1 = F.l1_loss(fake, real)
-        total = self.adversarial_weight * adv + self.l1_weight * l1
-        terms = {"adv": adv.detach(), "l1": l1.detach()}
+        total = total + self.adversarial_weight * adv
+        terms["adv"] = adv.detach()
         if self.uses_age:
             if predicted_age is None or age is None:
                 raise ValueError("age_weight > 0 needs predicted_age and age; set age_weight=0 for the ablation")

@@ -11,6 +11,7 @@ from monai.handlers import from_engine
 from .handlers import EpochCollector
 from .plots import VIEWS, central_slices, plt, save_figure
 
+
 def reconstruction_figure(real, reconstruction, title: str = "real vs reconstructed"):
     """One row per volume: its three central slices, real then reconstructed, on a shared grey scale."""
     real, reconstruction = np.asarray(real), np.asarray(reconstruction)
