@@ -168,6 +168,11 @@ class TaskGuidedGANTrainer(Trainer):
         self.loss_function = loss
         self.d_train_steps = d_train_steps
         self.warmup_iterations = warmup_iterations
+        per_epoch = epoch_length or (len(train_data_loader) if hasattr(train_data_loader, "__len__") else None)
+        total = None if per_epoch is None else max_epochs * per_epoch
+        if warmup_iterations and total is not None and warmup_iterations >= total:
+            warnings.warn(f"warmup_iterations={warmup_iterations} covers all {total} training iterations: the critic "
+                          "and the age term are never trained; lower warmup_iterations or train longer", stacklevel=2)
         self.warmup_optimizer = g_optimizer if warmup_optimizer is None else warmup_optimizer
         self.grad_clip_norm = grad_clip_norm
         self.optim_set_to_none = optim_set_to_none

@@ -125,6 +125,8 @@ def test_warmup_iterations_train_the_generator_on_reconstruction_alone_then_the_
     assert any(changed(regressor_before, trainer.regressor))
     with pytest.raises(ValueError, match="warmup_iterations"):
         make_trainer(warmup_iterations=-1)
+    with pytest.warns(UserWarning, match="warmup_iterations=3 covers all 3 training iterations"):
+        make_trainer(loader=make_loader(n=6), warmup_iterations=3)
 
 
 def test_non_finite_critic_loss_stops_before_any_update():
