@@ -17,19 +17,19 @@ import tempfile
 import time
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
-from sklearn.linear_model import Ridge
 
 from data_prep.anatomy import template_anatomy
 from data_prep.datalist import read_datalist
 from data_prep.simulate import CohortConfig, simulate_cohort, simulate_subjects
 from data_prep.volumes import save_nifti
 
+from custom_components.baselines import BLOCK, age_baselines
+
 SUBJECTS_TIMED = 10
 MEMORY_SIZES = (20, 60)
 MEMORY_RESOLUTION = 2.0
-BASELINE_N, BASELINE_RESOLUTION, BASELINE_BLOCK = 400, 4.0, 2
+BASELINE_N, BASELINE_RESOLUTION = 400, 4.0
 PEAK_RSS_CODE = """
 import resource, sys, tempfile
 from data_prep.simulate import simulate_cohort
@@ -63,32 +63,11 @@ def peak_rss_mib(n: int, resolution: float) -> float:
     return int(result.stdout.split()[-1]) / 1024  # ru_maxrss is in KiB on Linux
 
 
-def baseline_mae(n: int = BASELINE_N, resolution: float = BASELINE_RESOLUTION) -> tuple[float, float]:
-    """Test MAE (years) of ridge on block-averaged voxels and of the constant predictor; training and
-    validation subjects train."""
+def baseline_mae(n: int = BASELINE_N, resolution: float = BASELINE_RESOLUTION) -> dict:
+    """Test MAE (years) of ridge on block-averaged voxels and of the constant predictor (baselines.py)."""
     with tempfile.TemporaryDirectory() as out:
-        return ridge_and_constant_mae(read_datalist(simulate_cohort(n=n, out=out, resolution=resolution, seed=0,
-                                                                    progress=False)))
-
-
-def ridge_and_constant_mae(splits: dict[str, list[dict]]) -> tuple[float, float]:
-    """Test MAE of ridge (trained on training + validation) and of the constant (training mean) predictor."""
-    train = splits["training"] + splits["validation"]
-    x_train, y_train = _features(train), np.array([rec["age"] for rec in train])
-    x_test, y_test = _features(splits["test"]), np.array([rec["age"] for rec in splits["test"]])
-    ridge = Ridge(alpha=1.0).fit(x_train, y_train)
-    return np.abs(ridge.predict(x_test) - y_test).mean(), np.abs(y_train.mean() - y_test).mean()
-
-
-def _features(records: list[dict]) -> np.ndarray:
-    """Each image averaged over BASELINE_BLOCK^3 voxel blocks, flattened."""
-    b = BASELINE_BLOCK
-    rows = []
-    for rec in records:
-        image = nib.load(rec["image"]).get_fdata(dtype=np.float32)
-        n = image.shape[0] // b
-        rows.append(image[: n * b, : n * b, : n * b].reshape(n, b, n, b, n, b).mean(axis=(1, 3, 5)).ravel())
-    return np.stack(rows)
+        splits = read_datalist(simulate_cohort(n=n, out=out, resolution=resolution, seed=0, progress=False))
+        return age_baselines(splits["training"], splits["validation"], splits["test"])
 
 
 def main() -> None:
@@ -98,9 +77,10 @@ def main() -> None:
               f"min {min(times):.3f}, max {max(times):.3f}); template loading {loading:.1f} s once")
     for n in MEMORY_SIZES:
         print(f"peak RSS, n = {n} at {MEMORY_RESOLUTION:g} mm: {peak_rss_mib(n, MEMORY_RESOLUTION):.0f} MiB")
-    ridge, constant = baseline_mae()
+    baselines = baseline_mae()
     print(f"test MAE, {BASELINE_N} subjects at {BASELINE_RESOLUTION:g} mm, ridge on "
-          f"{BASELINE_RESOLUTION * BASELINE_BLOCK:g} mm voxels: {ridge:.2f} y; constant predictor: {constant:.2f} y")
+          f"{BASELINE_RESOLUTION * BLOCK:g} mm voxels: {baselines['ridge_mae']:.2f} y; "
+          f"constant predictor: {baselines['constant_mae']:.2f} y")
 
 
 if __name__ == "__main__":

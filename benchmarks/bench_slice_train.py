@@ -48,6 +48,7 @@ VARIANTS = {
     "channels_last": Variant({"channels_last": True}),
     "compile": Variant(compile=True),
     "bf16_autocast": Variant(autocast=torch.bfloat16),
+    "channels_last_bf16": Variant({"channels_last": True}, autocast=torch.bfloat16),
     "instance_eager": Variant(PAPER_NORM),
     "instance_fused_compile": Variant({**PAPER_NORM, "fused_norm_pool": True}, compile=True),
 }

@@ -10,13 +10,16 @@ import ignite.distributed as idist
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
+from monai.handlers import from_engine
 from monai.utils import evenly_divisible_all_gather, string_list_all_gather
 
 from data_prep.grid import FIELD_OF_VIEW_MM, canonical_grid
 from data_prep.volumes import atomic_path, save_nifti
 
 from .brain_age import BiasCorrection, brain_age_metrics, pearson_r
-from .plots import map_overlay_figure, plot_gap_vs_age, plot_predicted_vs_true, plot_slice_weights, save_figure
+from .classification import detection_metrics
+from .plots import (map_overlay_figure, plot_gap_vs_age, plot_learning_curve, plot_predicted_vs_true, plot_roc,
+                    plot_slice_weights, save_figure)
 
 
 def subject_id(item: dict, key: str, index: int) -> str:
@@ -33,6 +36,15 @@ class EpochCollector:
         engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._report)
+
+
+def gather_subject_values(subjects: list[str], columns: list[list[float]]) -> tuple[list[str], list[np.ndarray]]:
+    """All ranks' subjects and their values, one array per column (ranks may hold different counts)."""
+    values = torch.tensor(columns, dtype=torch.float64).T.reshape(-1, len(columns))
+    if idist.get_world_size() > 1:
+        values = evenly_divisible_all_gather(values, concat=True)
+        subjects = string_list_all_gather(subjects)
+    return subjects, [values[:, k].numpy() for k in range(len(columns))]
 
 
 class BrainAgeReport(EpochCollector):
@@ -72,16 +84,8 @@ class BrainAgeReport(EpochCollector):
             self._ages.append(float(age) if age is not None else math.nan)
             self._preds.append(float(torch.as_tensor(out[self.pred_key]).float().reshape(-1)[0]))
 
-    def _gathered(self):
-        """All ranks' subjects, ages and predictions (ranks may hold different counts)."""
-        values = torch.tensor([self._ages, self._preds], dtype=torch.float64).T.reshape(-1, 2)
-        if idist.get_world_size() == 1:
-            return self._subjects, values[:, 0].numpy(), values[:, 1].numpy()
-        values = evenly_divisible_all_gather(values, concat=True)
-        return string_list_all_gather(self._subjects), values[:, 0].numpy(), values[:, 1].numpy()
-
     def _report(self, engine: Engine) -> None:
-        subjects, ages, preds = self._gathered()
+        subjects, (ages, preds) = gather_subject_values(self._subjects, [self._ages, self._preds])
         known = np.isfinite(ages)
         if self.fit_bias_correction and known.sum() >= 2 and np.ptp(ages[known]) > 0:
             self.bias_correction.fit(preds[known], ages[known])
@@ -119,6 +123,101 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["subject"])
         writer.writeheader()
         writer.writerows(rows)
+
+
+class DetectionReport(EpochCollector):
+    """Collect the AD probabilities of an evaluation epoch and report them: ``<prefix>detection.csv``
+    (subject, label, probability, predicted label), ``<prefix>detection_metrics.json`` (ROC AUC with its
+    bootstrap 95 % interval, accuracy, balanced accuracy, sensitivity, specificity at ``threshold``) and a
+    ROC plot; AUC interval bounds go into ``engine.state.metrics``. Expects decollated output whose
+    ``pred_key`` is the probability (the evaluator's sigmoid postprocessing). Attach on every rank under
+    DDP (it gathers); only rank 0 writes.
+    """
+
+    def __init__(self, output_dir, threshold: float = 0.5, prefix: str = "", subject_key: str = "subject",
+                 label_key: str = "label", pred_key: str = "pred", n_boot: int = 2000, seed: int = 0) -> None:
+        self.output_dir, self.threshold, self.prefix = Path(output_dir), float(threshold), prefix
+        self.subject_key, self.label_key, self.pred_key = subject_key, label_key, pred_key
+        self.n_boot, self.seed = int(n_boot), int(seed)
+        self._subjects: list[str] = []
+        self._labels: list[float] = []
+        self._probabilities: list[float] = []
+
+    def _reset(self, engine: Engine) -> None:
+        self._subjects, self._labels, self._probabilities = [], [], []
+
+    def _collect(self, engine: Engine) -> None:
+        for item, out in zip(engine.state.batch, engine.state.output):
+            self._subjects.append(subject_id(item, self.subject_key, len(self._subjects)))
+            self._labels.append(float(torch.as_tensor(item[self.label_key]).reshape(-1)[0]))
+            self._probabilities.append(float(torch.as_tensor(out[self.pred_key]).float().reshape(-1)[0]))
+
+    def _report(self, engine: Engine) -> None:
+        subjects, (labels, probabilities) = gather_subject_values(self._subjects, [self._labels, self._probabilities])
+        metrics = detection_metrics(labels, probabilities, self.threshold, self.n_boot, self.seed)
+        for key in ("auc_ci95_low", "auc_ci95_high"):
+            engine.state.metrics[f"{self.prefix}{key}"] = metrics[key]
+        if idist.get_rank() != 0:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        rows = [{"subject": s, "label": int(y), "probability": f"{p:.5f}", "predicted": int(p >= self.threshold)}
+                for s, y, p in zip(subjects, labels, probabilities)]
+        write_csv(self.output_dir / f"{self.prefix}detection.csv", rows)
+        with atomic_path(self.output_dir / f"{self.prefix}detection_metrics.json") as tmp, open(tmp, "w") as handle:
+            json.dump(metrics, handle, indent=1)
+        if 0 < labels.sum() < labels.size:
+            plot_roc(labels, probabilities, metrics, self.output_dir / f"{self.prefix}roc.png")
+
+
+class LearningCurve(EpochCollector):
+    """Per-epoch training loss, learning rate and validation metrics as ``<prefix>learning_curve.csv`` and
+    ``.png`` in ``output_dir``.
+
+    Attach it to the trainer after the ValidationHandler, so an epoch's row holds that epoch's validation
+    (empty cells for epochs without one). Rows of earlier epochs already in the CSV are kept, so a resumed
+    run continues its curve; rows of this epoch and later (from a run started afresh) are replaced.
+
+    Args:
+        output_dir: folder of the CSV and the plot.
+        evaluator: the validation evaluator whose ``metrics`` are recorded.
+        metrics: names in ``evaluator.state.metrics`` to record (e.g. val_mae, val_pearson_r).
+        optimizer: record its first parameter group's learning rate (optional).
+        loss_transform: the training loss of an iteration from ``engine.state.output``.
+    """
+
+    def __init__(self, output_dir, evaluator: Engine | None = None, metrics=("val_mae", "val_pearson_r"),
+                 optimizer: torch.optim.Optimizer | None = None, loss_transform=None, prefix: str = "") -> None:
+        self.path = Path(output_dir) / f"{prefix}learning_curve.csv"
+        self.evaluator, self.metrics, self.optimizer = evaluator, tuple(metrics), optimizer
+        self.loss_transform = loss_transform or from_engine(["loss"], first=True)
+        self._losses: list[float] = []
+
+    def _reset(self, engine: Engine) -> None:
+        self._losses = []
+
+    def _collect(self, engine: Engine) -> None:
+        self._losses.append(float(self.loss_transform(engine.state.output)))
+
+    def _report(self, engine: Engine) -> None:
+        if idist.get_rank() != 0:
+            return
+        epoch = engine.state.epoch
+        row = {"epoch": epoch, "train_loss": float(np.mean(self._losses)) if self._losses else ""}
+        if self.optimizer is not None:
+            row["lr"] = self.optimizer.param_groups[0]["lr"]
+        validated = self.evaluator is not None and self.evaluator.state.epoch == epoch
+        for name in self.metrics:
+            row[name] = float(self.evaluator.state.metrics[name]) if validated and name in self.evaluator.state.metrics else ""
+        earlier = [{key: r.get(key, "") for key in row} for r in self._earlier_rows() if int(r["epoch"]) < epoch]
+        rows = earlier + [row]
+        write_csv(self.path, rows)
+        plot_learning_curve(rows, self.path.with_suffix(".png"))
+
+    def _earlier_rows(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        with open(self.path, newline="") as handle:
+            return list(csv.DictReader(handle))
 
 
 class SliceAttentionReport(EpochCollector):

@@ -104,3 +104,35 @@ def map_overlay_figure(background, effect, title: str, label: str = "old - young
     fig.colorbar(image, ax=list(axes), shrink=0.8, label=label)
     fig.suptitle(title)
     return fig
+
+
+def plot_learning_curve(rows: list[dict], path, title: str = "Learning curve") -> Path:
+    """One panel per column of ``rows`` (dicts with ``epoch`` and numbers, e.g. train loss, val MAE, val r)
+    against the epoch; empty values (epochs without validation) are skipped."""
+    columns = [key for key in rows[0] if key != "epoch"] if rows else []
+    fig, axes = plt.subplots(1, max(len(columns), 1), figsize=(3.6 * max(len(columns), 1), 3.2), squeeze=False)
+    for ax, column in zip(axes[0], columns):
+        points = [(row["epoch"], row[column]) for row in rows if row.get(column) not in (None, "")]
+        if points:
+            epochs, values = zip(*points)
+            ax.plot(epochs, [float(v) for v in values], marker="o", ms=3)
+        ax.set(xlabel="epoch", title=column)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_roc(labels, scores, metrics: dict, path) -> Path:
+    """ROC curve of ``scores`` against 0/1 ``labels``, titled with the AUC and its interval from ``metrics``."""
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, _ = roc_curve(np.asarray(labels).astype(int), np.asarray(scores, float))
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="chance")
+    ax.plot(fpr, tpr, lw=2, label="detector")
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity",
+           title=f"ROC: AUC {metrics['auc']:.3f} (95% CI {metrics['auc_ci95_low']:.3f}-{metrics['auc_ci95_high']:.3f})"
+                 f"\nn={metrics['n']} ({metrics['n_positive']} AD)")
+    ax.legend(loc="lower right")
+    return save_figure(fig, path)

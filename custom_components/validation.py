@@ -102,6 +102,22 @@ def load_checkpoint(path: str | os.PathLike, load_dict: Mapping[str, object], ma
     return checkpoint
 
 
+def load_initial_weights(network: nn.Module, path: str | os.PathLike | None, exclude: Sequence[str] = (),
+                         map_location=None) -> nn.Module:
+    """Start ``network`` from the ``model`` entry of another run's checkpoint (e.g. an AD detector from a
+    trained brain-age model), leaving out the tensors whose names start with one of ``exclude`` (the output
+    layer, whose meaning differs). The rest must fit by name and shape (InputError naming the file and
+    every mismatch otherwise). ``path`` None or empty: nothing is loaded."""
+    if not path:
+        return network
+    target = unwrap(network)
+    state = check_checkpoint(path, {"model": target}, map_location)["model"]
+    kept = {key: value for key, value in state.items() if not key.startswith(tuple(exclude))}
+    target.load_state_dict(kept, strict=False)
+    logger.info(f"network initialised from {path} ({len(kept)} tensors; left out: {', '.join(exclude) or 'none'})")
+    return network
+
+
 def _fit_problems(name: str, state, target) -> list[str]:
     if not isinstance(target, nn.Module):
         return [] if isinstance(state, Mapping) else [f"{name}: a {type(state).__name__}, not a state dict"]

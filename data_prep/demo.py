@@ -8,8 +8,8 @@ step ``<out>/steps.json`` records its command, outputs, log and time; the last s
 
 The steps: simulate a healthy cohort and a small AD cohort; train TGB-GAN on the healthy training split,
 synthesise age-balanced volumes and map age-related regions (scored against the simulator's ground
-truth); train and evaluate the slice network on real data only and on real + synthetic; slice attention
-weights on the test set; train and evaluate the AD-detection variant; preprocess the real IXI sample scans
+truth); train and evaluate the slice network on real data only and on real + synthetic; train and evaluate
+the AD-detection variant; preprocess the real IXI sample scans
 and predict their brain age; write the report.
 """
 from __future__ import annotations
@@ -43,8 +43,8 @@ GAN_CONFIGS = Path("bundles") / "tgb_gan_augment" / "configs"
 GAN_NETWORK = {"network_def#encoder_channels": [8, 16, 32, 32], "network_def#decoder_channels": [32, 16, 8, 8]}
 GAN_TRAINING = {"critic_def#channels": [8, 16, 32, 32], "regressor_def#channels": [4, 8, 16, 32],
                 "regressor_def#hidden": [64, 32]}
-SLICE_NETWORK = {"network_def#aggregation": "attention", "network_def#sfcn_channels": [16, 32, 64, 64, 64]}
-SLICE_TRAINING = {"optimizer#lr": 0.001}
+SLICE_NETWORK: dict = {}  # the bundle's defaults
+SLICE_TRAINING: dict = {}
 AD_FRACTION = 0.5
 AD_COHORT_AGE_MIN = 55.0  # the simulator's youngest AD age, so controls are age-matched
 
@@ -143,7 +143,6 @@ class DemoLayout:
     gan_test_output = property(lambda self: self.gan / "test_reconstructions")
     slice_real = property(lambda self: self.out / "slice_real")
     slice_synthetic = property(lambda self: self.out / "slice_synthetic")
-    attention = property(lambda self: self.slice_real / "attention")
     slice_ad = property(lambda self: self.out / "slice_ad")
     ixi = property(lambda self: self.out / "ixi")
     ixi_predictions = property(lambda self: self.ixi / "predictions")
@@ -225,10 +224,6 @@ def demo_steps(out: Path, settings: DemoSettings, ixi_datalist: Path | None) -> 
              str(at.gan_test_output / "reconstructions")),
         *slice_steps("real", at.slice_real, {"dataset_dir": at.cohort}),
         *slice_steps("synthetic", at.slice_synthetic, synthetic),
-        Step("slice_attention",
-             bundle_run([SLICE_CONFIGS / "inference.json"], bundle_root=at.slice_real, dataset_dir=at.cohort,
-                        data_split="test", save_attention=True, output_dir=at.attention, **slice_net),
-             str(at.attention)),
         Step("train_ad",
              bundle_run(ad_train_configs, bundle_root=at.slice_ad, dataset_dir=at.ad_cohort, **ad_train),
              str(at.slice_ad / "models")),

@@ -3,21 +3,29 @@
 Every effect is a smooth function of age through the subject's *ageing stage*
 ``(age + brain_age_offset - 20) / 70`` (0 at 20, 1 at 90 for a typical subject), scaled by a subject's
 own rate for that effect, so two subjects of the same age differ and no single voxel gives the age away.
+Each site also has its own mix of ageing rates (``Site.effect_mix``): ageing looks somewhat different in
+every cohort, as it does between real studies.
 
-Designed sizes for a typical subject (all rates 1) between 20 and 90 years:
+Sizes follow published adult ageing curves (typical subject, all rates 1):
 
-- ventricles: the ventricle walls move outwards by ``VENTRICLE_EXPANSION_MM * stage**1.7`` mm
-  (accelerating with age), pushing the surrounding tissue away; ventricular volume grows from about 16 ml
-  at 20 to about 40 ml at 90 (2 mm grid); AD adds ``AD_VENTRICLE_EXPANSION_MM * severity``.
+- lateral and third ventricles: the volume grows exponentially, by ``VENTRICLE_LOG_GROWTH`` per year
+  (about 10 ml at 20, 17 ml at 45, 29 ml at 70, 45 ml at 90, as in cross-sectional MRI studies), with
+  a subject's own size at any age (log-normal, ``VENTRICLE_SIZE_LOG_SD``). The template's ventricles are
+  those of a ``TEMPLATE_VENTRICLE_AGE``-year-old; the walls move in or out along the template's
+  ventricle push field by the distance that gives the target volume (``VENTRICLE_VOLUME_BY_SHIFT``); AD
+  adds ``AD_VENTRICLE_EXPANSION_MM * severity``.
 - cortical grey matter: ``GM_LOSS * stage`` of the grey matter bordering sulcal CSF turns to CSF,
   weighted towards the frontal lobe (about 20 % of all GM by 90); AD removes
-  ``AD_MTL_GM_LOSS * severity`` of the medial temporal grey matter.
+  ``AD_MTL_GM_LOSS * severity`` of the medial temporal grey matter. Every subject also has its own
+  pattern of open sulci (``SULCAL_CSF``), whatever its age: real cortices are not the template's average.
 - grey/white contrast: GM intensity rises by ``CONTRAST_LOSS * stage`` of the GM-WM gap, WM falls by
   ``WM_DARKENING * stage``.
 - white-matter hypo-intensities: periventricular, load ``LESION_LOAD * stage**3``, patchy.
 
-Nuisance: head size (global scale), smooth random anatomical displacement, small rigid misregistration,
-and per site a tissue contrast (power law), intensity scale, bias field strength and noise level.
+Tissue intensities (CSF, GM, WM) = 0.33, 0.73, 1 are those of the MNI152 2009 T1 template itself (a
+least-squares fit of the template on its own tissue maps); sites vary them (power law, GM and CSF
+shifts). Nuisance: head size (global scale), smooth random anatomical displacement, small rigid
+misregistration, and per site an intensity scale, bias field strength and noise level.
 """
 from __future__ import annotations
 
@@ -34,8 +42,15 @@ AGE_SPAN = 70.0
 BRAIN_AGE_OFFSET_SD = 5.0
 RATE_LOG_SD = 0.2
 
-VENTRICLE_EXPANSION_MM = 7.0
-VENTRICLE_EXPONENT = 1.7
+TEMPLATE_VENTRICLE_AGE = 45.0
+VENTRICLE_LOG_GROWTH = 0.022  # per year: x1.7 per 25 years
+VENTRICLE_SIZE_LOG_SD = 0.25
+# Ventricle volume relative to the template's against the wall shift (mm, negative = inwards), measured
+# on the 2 mm grid with ``ventricle_pullback``; one table for every resolution, so a subject's geometry
+# does not depend on the grid.
+VENTRICLE_VOLUME_BY_SHIFT = ((-4.0, 0.452), (-3.0, 0.556), (-2.0, 0.690), (-1.0, 0.837), (0.0, 1.0),
+                             (2.0, 1.438), (4.0, 1.919), (7.0, 2.751), (10.0, 3.582), (14.0, 4.634))
+MIN_VENTRICLE_EXPANSION_MM = -4.0
 MAX_VENTRICLE_EXPANSION_MM = 14.0
 VENTRICLE_STEP_MM = 2.5
 GM_LOSS = 0.5
@@ -44,12 +59,19 @@ WM_DARKENING = 0.04
 LESION_LOAD = 0.6
 LESION_DEPTH = 0.4
 LESION_PATCHINESS = 1.0
+SULCAL_CSF = 0.35
+SITE_EFFECT_LOG_SD = 0.15
+# Residual bias field (log sd) and noise (sigma / WM) of bias-corrected 2 mm scans: on the ten IXI heads
+# preprocessed at 2 mm, deep white matter varies by 5-8 % (sd / median) and its voxel-scale noise is
+# 1.2-2 %; these ranges cover that and noisier scanners.
+SITE_BIAS_RANGE = (0.02, 0.08)
+SITE_NOISE_RANGE = (0.005, 0.02)
 AD_SEVERITY_RANGE = (0.5, 1.0)
 AD_VENTRICLE_EXPANSION_MM = 2.5
 AD_MTL_GM_LOSS = 0.5
 
-# young-adult tissue intensities (white matter = 1)
-CSF_INTENSITY, GM_INTENSITY, WM_INTENSITY = 0.22, 0.68, 1.0
+# young-adult tissue intensities (white matter = 1), fitted on the MNI152 2009 T1 template
+CSF_INTENSITY, GM_INTENSITY, WM_INTENSITY = 0.33, 0.73, 1.0
 
 HEAD_SCALE_SD = 0.03
 HEAD_SCALE_SEX = 0.02  # males +2 %, females -2 % in linear size
@@ -59,14 +81,17 @@ DISPLACEMENT_SD_MM = 2.0
 DISPLACEMENT_CORRELATION_MM = 16.0
 BIAS_CORRELATION_MM = 60.0
 LESION_CORRELATION_MM = 6.0
+SULCAL_CORRELATION_MM = 5.0
 COARSE_SPACING_MM = 4.0
 
 
 @dataclass(frozen=True)
 class Site:
-    """A simulated scanner: tissue intensities are raised to ``gamma`` (contrast), GM moves by ``gm_shift``
-    of the GM-WM gap, white matter reads ``scale`` units, the log bias field has standard deviation
-    ``bias`` and the Rician noise sigma is ``noise`` times the white-matter signal."""
+    """A simulated scanner and population: tissue intensities are raised to ``gamma`` (contrast), GM moves
+    by ``gm_shift`` of the GM-WM gap and CSF by ``csf_shift``, white matter reads ``scale`` units, the log
+    bias field has standard deviation ``bias`` and the Rician noise sigma is ``noise`` times the
+    white-matter signal. ``effect_mix`` multiplies its subjects' ageing rates (ventricles, cortical
+    atrophy, contrast loss, lesions)."""
 
     name: str
     gamma: float
@@ -74,6 +99,8 @@ class Site:
     scale: float
     bias: float
     noise: float
+    csf_shift: float = 0.0
+    effect_mix: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -85,6 +112,7 @@ class SubjectParams:
     ad: bool
     brain_age_offset: float = 0.0
     ventricle_rate: float = 1.0
+    ventricle_size: float = 0.0
     atrophy_rate: float = 1.0
     contrast_rate: float = 1.0
     lesion_rate: float = 1.0
@@ -122,21 +150,24 @@ class Lattice:
 class SubjectFields:
     """Unit-variance smooth random fields of one subject: a 3-component anatomical displacement and a
     log bias field on the coarse lattice (``coarse_lattice``), and the patchiness of white-matter lesions
-    on the grid itself (lesions are too small for the coarse lattice)."""
+    and the pattern of open sulci on the grid itself (both too fine for the coarse lattice)."""
 
     displacement: np.ndarray
     log_bias: np.ndarray
     lesion: np.ndarray
+    sulci: np.ndarray
 
 
 # ------------------------------------------------------------------------------------------ drawing
 
 
-def draw_site(rng: np.random.Generator, name: str) -> Site:
-    """A scanner with random contrast, scale, bias-field strength and noise level."""
-    return Site(name=name, gamma=float(rng.uniform(0.85, 1.2)), gm_shift=float(rng.normal(0.0, 0.05)),
-                scale=float(rng.uniform(300.0, 1200.0)), bias=float(rng.uniform(0.05, 0.15)),
-                noise=float(rng.uniform(0.015, 0.04)))
+def draw_site(rng: np.random.Generator, name: str, effect_log_sd: float = SITE_EFFECT_LOG_SD) -> Site:
+    """A scanner with random contrast, scale, bias-field strength and noise level, and a population whose
+    ageing rates differ from the cohort's typical ones by log-normal factors of sd ``effect_log_sd``."""
+    return Site(name=name, gamma=float(rng.uniform(0.85, 1.2)), gm_shift=float(rng.normal(0.0, 0.08)),
+                scale=float(rng.uniform(300.0, 1200.0)), bias=float(rng.uniform(*SITE_BIAS_RANGE)),
+                noise=float(rng.uniform(*SITE_NOISE_RANGE)), csf_shift=float(rng.normal(0.0, 0.05)),
+                effect_mix=tuple(float(v) for v in np.exp(rng.normal(0.0, effect_log_sd, 4))))
 
 
 def draw_subject(rng: np.random.Generator, age: float, sex: str, ad: bool) -> SubjectParams:
@@ -146,8 +177,8 @@ def draw_subject(rng: np.random.Generator, age: float, sex: str, ad: bool) -> Su
     return SubjectParams(
         age=float(age), sex=sex, ad=bool(ad),
         brain_age_offset=float(rng.normal(0.0, BRAIN_AGE_OFFSET_SD)),
-        ventricle_rate=float(rates[0]), atrophy_rate=float(rates[1]),
-        contrast_rate=float(rates[2]), lesion_rate=float(rates[3]),
+        ventricle_rate=float(rates[0]), ventricle_size=float(rng.normal(0.0, VENTRICLE_SIZE_LOG_SD)),
+        atrophy_rate=float(rates[1]), contrast_rate=float(rates[2]), lesion_rate=float(rates[3]),
         ad_severity=float(rng.uniform(*AD_SEVERITY_RANGE)) if ad else 0.0,
         head_scale=float(1.0 + sex_shift + rng.normal(0.0, HEAD_SCALE_SD)),
         rotation_deg=tuple(float(v) for v in rng.normal(0.0, ROTATION_SD_DEG, 3)),
@@ -162,6 +193,7 @@ def draw_fields(rng: np.random.Generator, grid: Grid) -> SubjectFields:
         displacement=np.stack([smooth_random_field(rng, coarse, DISPLACEMENT_CORRELATION_MM) for _ in range(3)]),
         log_bias=smooth_random_field(rng, coarse, BIAS_CORRELATION_MM),
         lesion=smooth_random_field(rng, grid_lattice(grid), LESION_CORRELATION_MM),
+        sulci=smooth_random_field(rng, grid_lattice(grid), SULCAL_CORRELATION_MM),
     )
 
 
@@ -225,13 +257,17 @@ def tissue_intensities(params: SubjectParams, site: Site) -> tuple[float, float,
     gap = WM_INTENSITY - GM_INTENSITY
     wm = WM_INTENSITY * (1.0 - WM_DARKENING * params.stage)
     gm = GM_INTENSITY + gap * (CONTRAST_LOSS * params.stage * params.contrast_rate + site.gm_shift)
-    return tuple(float(v**site.gamma) for v in (CSF_INTENSITY, gm, wm))
+    csf = CSF_INTENSITY + site.csf_shift
+    return tuple(float(max(v, 0.0) ** site.gamma) for v in (csf, gm, wm))
 
 
-def grey_matter_loss(anatomy: Anatomy, params: SubjectParams) -> np.ndarray:
-    """Fraction of grey matter turned to CSF at each voxel: cortical thinning plus AD's medial temporal
-    atrophy (bounded by 1)."""
+def grey_matter_loss(anatomy: Anatomy, params: SubjectParams, sulci: np.ndarray | None = None) -> np.ndarray:
+    """Fraction of grey matter turned to CSF at each voxel: cortical thinning, the subject's open sulci
+    (``sulci``: a unit-variance field on the grid, None for none) and AD's medial temporal atrophy
+    (bounded by 1)."""
     loss = (GM_LOSS * params.stage * params.atrophy_rate) * anatomy.cortical_thinning
+    if sulci is not None:
+        loss = loss + SULCAL_CSF * np.clip(sulci, 0.0, None) * anatomy.cortical_thinning
     if params.ad_severity:
         loss = loss + (AD_MTL_GM_LOSS * params.ad_severity) * anatomy.medial_temporal
     return np.minimum(loss, 1.0)
@@ -248,23 +284,33 @@ def lesions(anatomy: Anatomy, params: SubjectParams, patchiness: np.ndarray) -> 
     return np.clip(lesion_load(params) * anatomy.periventricular * (1.0 + LESION_PATCHINESS * patchiness), 0, 1)
 
 
-def tissue_image(anatomy: Anatomy, params: SubjectParams, site: Site, patchiness: np.ndarray) -> np.ndarray:
+def tissue_image(anatomy: Anatomy, params: SubjectParams, site: Site, fields: SubjectFields) -> np.ndarray:
     """Noise-free T1 intensity of the subject's tissues in template space (partial-volume mixing)."""
     csf_i, gm_i, wm_i = tissue_intensities(params, site)
-    lost = anatomy.gm * grey_matter_loss(anatomy, params)
+    lost = anatomy.gm * grey_matter_loss(anatomy, params, fields.sulci)
     gm = anatomy.gm - lost
     csf = anatomy.csf + lost
-    wm_signal = wm_i * (1.0 - LESION_DEPTH * lesions(anatomy, params, patchiness))
+    wm_signal = wm_i * (1.0 - LESION_DEPTH * lesions(anatomy, params, fields.lesion))
     return (gm * gm_i + csf * csf_i + anatomy.wm * wm_signal).astype(np.float32)
 
 
 # ------------------------------------------------------------------------------------------- geometry
 
 
+def ventricle_volume_ratio(params: SubjectParams) -> float:
+    """The subject's ventricle volume relative to the template's (before AD): exponential growth with
+    the subject's effective age (age + brain-age offset) at its own rate, times its own size."""
+    years = params.age + params.brain_age_offset - TEMPLATE_VENTRICLE_AGE
+    return float(np.exp(params.ventricle_size + VENTRICLE_LOG_GROWTH * params.ventricle_rate * years))
+
+
 def ventricle_expansion(params: SubjectParams) -> float:
-    """How far (mm, at most) the ventricle walls move outwards, capped at MAX_VENTRICLE_EXPANSION_MM."""
-    mm = VENTRICLE_EXPANSION_MM * params.stage**VENTRICLE_EXPONENT * params.ventricle_rate
-    return float(min(mm + AD_VENTRICLE_EXPANSION_MM * params.ad_severity, MAX_VENTRICLE_EXPANSION_MM))
+    """How far (mm) the ventricle walls move outwards (negative: inwards) for the subject's volume ratio,
+    plus AD's enlargement, within [MIN_VENTRICLE_EXPANSION_MM, MAX_VENTRICLE_EXPANSION_MM]."""
+    shifts, ratios = np.array(VENTRICLE_VOLUME_BY_SHIFT).T
+    mm = float(np.interp(np.log(ventricle_volume_ratio(params)), np.log(ratios), shifts))
+    mm += AD_VENTRICLE_EXPANSION_MM * params.ad_severity
+    return float(np.clip(mm, MIN_VENTRICLE_EXPANSION_MM, MAX_VENTRICLE_EXPANSION_MM))
 
 
 def ventricle_pullback(anatomy: Anatomy, points: np.ndarray, expansion_mm: float) -> np.ndarray:
@@ -275,7 +321,7 @@ def ventricle_pullback(anatomy: Anatomy, points: np.ndarray, expansion_mm: float
     lower, upper = (np.reshape(corner, (3, 1)) for corner in anatomy.push_support)
     near = np.all((points >= lower) & (points <= upper), axis=0)
     displacement = np.zeros_like(points)
-    steps = int(np.ceil(expansion_mm / VENTRICLE_STEP_MM))
+    steps = int(np.ceil(abs(expansion_mm) / VENTRICLE_STEP_MM))
     start = moved = points[:, near]
     for _ in range(steps):
         index = world_to_voxel(anatomy.grid, moved)

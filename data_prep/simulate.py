@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from .anatomy import Anatomy, template_anatomy
 from .validate import check_output_dir
-from .effects import (AD_SEVERITY_RANGE, DISPLACEMENT_SD_MM, Lattice, Site, SubjectFields, SubjectParams,
+from .effects import (AD_SEVERITY_RANGE, DISPLACEMENT_SD_MM, SITE_EFFECT_LOG_SD, Lattice, Site, SubjectFields, SubjectParams,
                       coarse_lattice, draw_fields, draw_site, draw_subject, lesion_load, rician, template_points,
                       tissue_image, undo_pose, upsample, ventricle_expansion, world_to_voxel)
 from .grid import CENTRE_MM
@@ -51,6 +51,7 @@ AD_MIN_AGE = 55.0
 MAX_AGE = 120.0
 BRAIN_THRESHOLD = 0.5
 NEUTRAL_SITE = Site(name="neutral", gamma=1.0, gm_shift=0.0, scale=1.0, bias=0.0, noise=0.0)
+EFFECT_RATES = ("ventricle_rate", "atrophy_rate", "contrast_rate", "lesion_rate")
 # Raw variants: voxel axes posterior, superior, right (like IXI); voxel size = resolution x these factors;
 # field of view in mm along those axes; head pose spread.
 RAW_VOXEL_FACTORS = (1.2, 1.0, 1.0)
@@ -74,6 +75,11 @@ class CohortConfig:
     age_distribution: str = "uniform"
     n_sites: int = 3
     lesions: bool = True
+    site_effect_sd: float = SITE_EFFECT_LOG_SD
+    ventricle_scale: float = 1.0
+    atrophy_scale: float = 1.0
+    contrast_scale: float = 1.0
+    lesion_scale: float = 1.0
 
     def check(self) -> CohortConfig:
         problems = []
@@ -89,6 +95,11 @@ class CohortConfig:
             problems.append(f"age_distribution must be one of {AGE_DISTRIBUTIONS}, got {self.age_distribution!r}")
         if not isinstance(self.n_sites, int) or self.n_sites < 1:
             problems.append(f"n_sites must be an integer >= 1, got {self.n_sites!r}")
+        if not 0.0 <= self.site_effect_sd <= 1.0:
+            problems.append(f"site_effect_sd must lie in [0, 1], got {self.site_effect_sd}")
+        for name, value in zip(EFFECT_RATES, self.effect_scales):
+            if not 0.0 <= value <= 5.0:
+                problems.append(f"{name.replace('_rate', '_scale')} must lie in [0, 5], got {value}")
         if problems:
             raise InputError("simulate-cohort: " + "; ".join(problems))
         return self
@@ -96,6 +107,11 @@ class CohortConfig:
     @property
     def ad_age_range(self) -> tuple[float, float]:
         return max(self.age_min, AD_MIN_AGE), self.age_max
+
+    @property
+    def effect_scales(self) -> tuple[float, float, float, float]:
+        """Cohort-wide multipliers of the ageing rates, in the order of EFFECT_RATES."""
+        return self.ventricle_scale, self.atrophy_scale, self.contrast_scale, self.lesion_scale
 
 
 @dataclass(frozen=True)
@@ -116,6 +132,8 @@ class Subject:
 def simulate_cohort(n: int = 400, out: str = "runs/cohort", resolution: float = 2.0, seed: int = 0,
                     ad_fraction: float = 0.0, age_min: float = 20.0, age_max: float = 90.0,
                     age_distribution: str = "uniform", n_sites: int = 3, lesions: bool = True,
+                    site_effect_sd: float = SITE_EFFECT_LOG_SD, ventricle_scale: float = 1.0,
+                    atrophy_scale: float = 1.0, contrast_scale: float = 1.0, lesion_scale: float = 1.0,
                     raw_variants: int = 0, progress: bool = True) -> Path:
     """Simulate a brain-ageing cohort with known ground truth; return the path of its datalist.
 
@@ -129,14 +147,21 @@ def simulate_cohort(n: int = 400, out: str = "runs/cohort", resolution: float = 
         age_max: oldest age in years.
         age_distribution: "uniform" over [age_min, age_max], or "normal" (centred, sd = range / 4,
             truncated to the range).
-        n_sites: number of simulated scanners, each with its own contrast, scale, bias and noise.
+        n_sites: number of simulated sites, each with its own scanner (contrast, scale, bias, noise) and
+            its own mix of ageing rates.
         lesions: simulate white-matter hypo-intensities whose load grows with age.
+        site_effect_sd: spread (log sd) of each site's ageing rates about the cohort's.
+        ventricle_scale, atrophy_scale, contrast_scale, lesion_scale: multiply every subject's rate of
+            ventricle growth, cortical atrophy, grey/white contrast loss and lesion load (1: the
+            defaults); a cohort whose ageing looks different, e.g. to test a trained model on.
         raw_variants: how many of the first subjects to write again in native scanner space under raw/.
         progress: show a progress bar.
     """
     config = CohortConfig(n=n, resolution=float(resolution), seed=seed, ad_fraction=float(ad_fraction),
                           age_min=float(age_min), age_max=float(age_max), age_distribution=age_distribution,
-                          n_sites=n_sites, lesions=bool(lesions)).check()
+                          n_sites=n_sites, lesions=bool(lesions), site_effect_sd=float(site_effect_sd),
+                          ventricle_scale=float(ventricle_scale), atrophy_scale=float(atrophy_scale),
+                          contrast_scale=float(contrast_scale), lesion_scale=float(lesion_scale)).check()
     if not isinstance(raw_variants, int) or not 0 <= raw_variants <= n:
         raise InputError(f"simulate-cohort: raw_variants must be an integer in [0, n], got {raw_variants!r}")
     out = _prepare_output(check_output_dir(out))
@@ -160,18 +185,26 @@ def simulate_cohort(n: int = 400, out: str = "runs/cohort", resolution: float = 
 
 def simulate_subjects(config: CohortConfig, anatomy: Anatomy) -> Iterator[Subject]:
     """The cohort's subjects one at a time, in index order."""
-    sites = [draw_site(np.random.default_rng([config.seed, SITE_STREAM, s]), f"site{s + 1}")
+    sites = [draw_site(np.random.default_rng([config.seed, SITE_STREAM, s]), f"site{s + 1}", config.site_effect_sd)
              for s in range(config.n_sites)]
     width = max(4, len(str(config.n)))
     for index in range(config.n):
         rng = np.random.default_rng([config.seed, SUBJECT_STREAM, index])
         age, sex, ad, site = draw_demographics(rng, config)
-        params = draw_subject(rng, age, sex, ad)
-        if not config.lesions:
-            params = dataclasses.replace(params, lesion_rate=0.0)
+        params = scale_rates(draw_subject(rng, age, sex, ad), config, sites[site].effect_mix)
         fields = draw_fields(rng, anatomy.grid)
         image = render_subject(anatomy, params, sites[site], fields, rng)
         yield Subject(f"sub-{index + 1:0{width}d}", index, params, sites[site], fields, image)
+
+
+def scale_rates(params: SubjectParams, config: CohortConfig, mix=(1.0, 1.0, 1.0, 1.0)) -> SubjectParams:
+    """The subject's ageing rates times the cohort's scales and its site's mix (no lesions when the
+    cohort has none)."""
+    factors = [scale * factor for scale, factor in zip(config.effect_scales, mix)]
+    if not config.lesions:
+        factors[-1] = 0.0
+    return dataclasses.replace(params, **{name: getattr(params, name) * factor
+                                          for name, factor in zip(EFFECT_RATES, factors)})
 
 
 def draw_demographics(rng: np.random.Generator, config: CohortConfig) -> tuple[float, str, bool, int]:
@@ -217,19 +250,21 @@ def render_signal(anatomy: Anatomy, params: SubjectParams, site: Site,
     source = template_points(anatomy, lattice.points(), params, displacement)
     index = upsample(world_to_voxel(grid, source).reshape(3, *lattice.shape), grid.shape)
     bias = np.exp(site.bias * upsample(fields.log_bias, grid.shape))
-    tissues = tissue_image(anatomy, params, site, fields.lesion)
+    tissues = tissue_image(anatomy, params, site, fields)
     signal = ndi.map_coordinates(tissues, index, order=1) * bias * site.scale
     return signal, ndi.map_coordinates(anatomy.brain, index, order=1) > BRAIN_THRESHOLD
 
 
 def expected_image(anatomy: Anatomy, params: SubjectParams) -> np.ndarray:
-    """The subject without random variation or nuisance (no displacement, lesion patchiness, bias, noise
-    or misregistration; neutral site), normalised like the simulated scans: the ground-truth reference."""
+    """The subject without random variation or nuisance (no displacement, lesion patchiness, individual
+    sulci, bias, noise or misregistration; neutral site), normalised like the simulated scans: the
+    ground-truth reference."""
     params = dataclasses.replace(params, head_scale=1.0, rotation_deg=(0.0, 0.0, 0.0),
                                  translation_mm=(0.0, 0.0, 0.0))
     lattice, shape = coarse_lattice(anatomy.grid), anatomy.grid.shape
     fields = SubjectFields(displacement=np.zeros((3, *lattice.shape), np.float32),
-                           log_bias=np.zeros(lattice.shape, np.float32), lesion=np.zeros(shape, np.float32))
+                           log_bias=np.zeros(lattice.shape, np.float32), lesion=np.zeros(shape, np.float32),
+                           sulci=np.zeros(shape, np.float32))
     return normalise_intensity(*render_signal(anatomy, params, NEUTRAL_SITE, fields))
 
 
@@ -267,7 +302,7 @@ def render_raw(anatomy: Anatomy, subject: Subject, rng: np.random.Generator) -> 
     source = template_points(anatomy, head, subject.params, displacement_at(lattice, subject.fields, head))
     index = world_to_voxel(anatomy.grid, source)
     site = subject.site
-    tissues = tissue_image(anatomy, subject.params, site, subject.fields.lesion)
+    tissues = tissue_image(anatomy, subject.params, site, subject.fields)
     bias = np.exp(site.bias * lattice.sample(subject.fields.log_bias, scanner))
     signal = ndi.map_coordinates(tissues, index, order=1) * bias * site.scale
     data = rician(signal, site.noise * site.scale, rng).reshape(shape)
@@ -293,15 +328,18 @@ def write_raw_variant(raw_root: Path, subject: Subject, anatomy: Anatomy, seed: 
 def write_ground_truth(folder: Path, anatomy: Anatomy, config: CohortConfig) -> list[Path]:
     """Cohort-level maps of where the effects act (see the module docstring) and the region masks."""
     affine = anatomy.grid.affine
-    young, old = expected_image(anatomy, typical_subject(config.age_min)), expected_image(
-        anatomy, typical_subject(config.age_max))
+
+    def typical(age: float, ad_severity: float = 0.0) -> SubjectParams:
+        return scale_rates(typical_subject(age, ad_severity), config)
+
+    young, old = expected_image(anatomy, typical(config.age_min)), expected_image(anatomy, typical(config.age_max))
     paths = [save_nifti(np.abs(old - young), affine, folder / "ageing_effect.nii.gz"),
              save_nifti(anatomy.ventricle_region, affine, folder / "ventricle_region.nii.gz", dtype=np.uint8),
              save_nifti(anatomy.medial_temporal, affine, folder / "medial_temporal_region.nii.gz")]
     if config.ad_fraction > 0:
         age = float(np.mean(config.ad_age_range))
-        cn = expected_image(anatomy, typical_subject(age))
-        ad = expected_image(anatomy, typical_subject(age, ad_severity=float(np.mean(AD_SEVERITY_RANGE))))
+        cn = expected_image(anatomy, typical(age))
+        ad = expected_image(anatomy, typical(age, ad_severity=float(np.mean(AD_SEVERITY_RANGE))))
         paths.append(save_nifti(np.abs(ad - cn), affine, folder / "ad_effect.nii.gz"))
     return paths
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -23,4 +22,7 @@ class ScaledLinear(nn.Linear):
         nn.init.constant_(self.bias, float(init_bias) / float(output_scale))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias) * self.output_scale
+        # A product and a sum, not F.linear, so that autocast leaves it in float32: in bfloat16 an age
+        # near 50 would be rounded to a multiple of 0.25 years.
+        out = (x.float().unsqueeze(-2) * self.weight.float()).sum(-1) + self.bias.float()
+        return out * self.output_scale

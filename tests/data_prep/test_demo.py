@@ -28,7 +28,7 @@ TOY = {
 }
 EXPECTED_STEPS = ["simulate_cohort", "simulate_ad_cohort", "train_gan", "generate_synthetic", "reconstruct_test_gan",
                   "train_slice_real", "evaluate_slice_real", "train_slice_synthetic", "evaluate_slice_synthetic",
-                  "slice_attention", "train_ad", "evaluate_ad", "write_report"]
+                  "train_ad", "evaluate_ad", "write_report"]
 
 @pytest.fixture(scope="module")
 def toy_demo(tmp_path_factory) -> Path:
@@ -64,11 +64,8 @@ def test_toy_demo_trains_on_real_plus_synthetic_and_evaluates_both(toy_demo):
         assert metrics["n"] == len(test_subjects) and np.isfinite(metrics["mae"])
         with open(root / "eval" / "test_predictions.csv") as handle:
             assert sorted(r["subject"] for r in csv.DictReader(handle)) == test_subjects
-    with open(at.attention / "inference_slice_attention.csv") as handle:
-        rows = list(csv.DictReader(handle))
-    weights = np.array([[float(v) for k, v in r.items() if k != "subject"] for r in rows])
-    assert weights.shape == (len(test_subjects), 24)  # one weight per sagittal slice of the 24^3 volumes
-    np.testing.assert_allclose(weights.sum(1), 1.0, atol=1e-3)
+    curve = list(csv.DictReader(open(at.slice_real / "eval" / "learning_curve.csv")))
+    assert [int(r["epoch"]) for r in curve] == [1] and float(curve[0]["val_mae"]) > 0
     region = json.loads((at.region_maps / "region_maps.json").read_text())
     assert 0.0 <= region["auc_group_means"] <= 1.0 and 0.0 <= region["auc_traversal"] <= 1.0
 
@@ -77,16 +74,17 @@ def test_toy_demo_trains_on_real_plus_synthetic_and_evaluates_both(toy_demo):
 def test_toy_demo_report_holds_every_item_in_markdown_and_self_contained_html(toy_demo):
     at = DemoLayout(toy_demo)
     report = at.report.read_text()
-    for section in ("Brain age on the simulated test set", "Slice attention", "AD detection", "TGB-GAN",
+    for section in ("Brain age on the simulated test set", "ridge on 8 mm voxels", "AD detection", "TGB-GAN",
                     "AUC against ground truth", "Real IXI scans", "Steps, commands and times"):
         assert section in report, section
-    assert "| real only |" in report and "| real + synthetic |" in report
+    assert "| slice network, real only |" in report and "| slice network, real + synthetic |" in report
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
-    assert len(images) == 8  # 2 scatter + 2 gap plots, attention, GAN grid, 2 region maps
+    # learning curve, 2 scatter + 2 gap plots, AD ROC and learning curve, GAN grid, 2 region maps
+    assert len(images) == 10
     assert all((toy_demo / image).is_file() for image in images)
     assert "figures/gan_real_reconstructed_synthetic.png" in images
     steps = json.loads(at.steps_file.read_text())["steps"]
-    assert steps[-1]["name"] == "13_write_report"  # run while the report was written: its command closes the report
+    assert steps[-1]["name"] == "12_write_report"  # run while the report was written: its command closes the report
     assert all(f"```bash\n{s['command']}\n```" in report for s in steps[:-1])
     assert report.rstrip().endswith(f"```bash\n{steps[-1]['command']}\n```")
     page = at.report.with_suffix(".html").read_text()

@@ -1,0 +1,332 @@
+"""The slice network's evidence: what its default recipe reaches, over seeds, against simple baselines on
+the same splits, and how it carries over to data it was not trained on.
+
+Every run is the bundle itself (``python -m monai.bundle run`` of train.json, then evaluate.json, with
+command-line overrides only), one bundle root per run under ``--out``. A run whose test metrics exist is
+not repeated, and a killed training resumes, so the script can be stopped and restarted at any time.
+
+Parts (``--parts``, default all):
+
+- ``default``: the default config on a 400-subject 4 mm cohort (seed 0), ``--seeds`` training seeds:
+  test MAE mean +/- SD against ridge on voxels and the constant predictor (fitted here on the same
+  split), training time, and the learning curves (train loss, val MAE, val r per epoch) as a figure;
+- ``small``: the same with only the first ``--n_small`` training subjects, ridge on the same subjects;
+- ``variants``: aggregation (mean, max, attention, transformer) x position embedding x slice axis, one
+  seed each, then the best four rows with two more seeds; sfcn2d against ResNet-18 (random init: ImageNet
+  weights cannot be downloaded here);
+- ``ad``: the AD detector on a 400-subject cohort with 30 % AD: test AUC with its bootstrap 95 % interval,
+  from scratch and started from the first default brain-age model, against logistic regression on voxels;
+- ``transfer``: the first default model on a cohort simulated with other settings (other seed, more
+  sites, another mix of ageing effects: ``SHIFTED_COHORT``) and, when present, on the ten real IXI heads
+  of ``--ixi_dir`` preprocessed at 4 mm.
+
+Writes ``<out>/results.json``, and ``evidence.md`` plus ``figures/learning_curves.png`` into ``--docs``
+(the slice bundle's docs). Run: ``python benchmarks/slice_evidence.py --out runs/evidence``.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+from custom_components.baselines import ad_baseline, age_baselines
+from data_prep.datalist import read_datalist, write_datalist
+from data_prep.demo import bundle_run
+
+CONFIGS = REPO / "bundles" / "slice_cnn_brainage" / "configs"
+TRAIN, EVALUATE = CONFIGS / "train.json", CONFIGS / "evaluate.json"
+TRAIN_AD, EVALUATE_AD = CONFIGS / "train_ad.json", CONFIGS / "evaluate_ad.json"
+PARTS = ("default", "small", "variants", "ad", "transfer")
+AGGREGATIONS = ("mean", "max", "attention", "transformer")
+AXES = ("sagittal", "coronal", "axial")
+COHORT = {"n": 400, "resolution": 4, "seed": 0}
+AD_COHORT = {"n": 400, "resolution": 4, "seed": 1, "ad_fraction": 0.3}
+SHIFTED_COHORT = {"n": 150, "resolution": 4, "seed": 7, "n_sites": 5, "site_effect_sd": 0.3,
+                  "ventricle_scale": 1.3, "atrophy_scale": 0.7, "contrast_scale": 1.5, "lesion_scale": 0.5}
+
+
+# ------------------------------------------------------------------------------------------- running
+
+
+def run(argv: list[str], log: Path) -> float:
+    """Run a command from the repository root, output to ``log``; return its wall time in seconds."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(log, "a") as handle:
+        code = subprocess.run(argv, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        raise RuntimeError(f"command failed (exit {code}), see {log}: {' '.join(map(str, argv))}")
+    return time.perf_counter() - start
+
+
+def cohort(out: Path, name: str, settings: dict) -> Path:
+    """Simulate a cohort once; return its datalist."""
+    folder = out / "data" / name
+    if not (folder / "datalist.json").is_file():
+        flags = [f"--{key}={value}" for key, value in settings.items()]
+        run([sys.executable, "-m", "data_prep", "simulate-cohort", "--out", str(folder), "--progress=False", *flags],
+            out / "logs" / f"simulate_{name}.log")
+    return folder / "datalist.json"
+
+
+def all_as_test(datalist: Path, out: Path) -> Path:
+    """A datalist holding every subject of ``datalist`` in its test split (to score a foreign cohort)."""
+    if not out.is_file():
+        splits = read_datalist(datalist)
+        write_datalist(out, {"test": [rec for records in splits.values() for rec in records]})
+    return out
+
+
+def train_and_test(root: Path, datalist: Path, overrides: dict, ad: bool = False) -> dict:
+    """Train (unless done) and evaluate on the test split; return test metrics, time and learning curve."""
+    train_configs = [TRAIN, TRAIN_AD] if ad else [TRAIN]
+    eval_configs = train_configs + ([EVALUATE, EVALUATE_AD] if ad else [EVALUATE])
+    metrics_file = root / "eval" / ("test_detection_metrics.json" if ad else "test_metrics.json")
+    timing_file = root / "train_seconds.json"
+    args = {"bundle_root": root, "datalist_file": datalist, **overrides}
+    if not timing_file.is_file():
+        seconds = run(bundle_run(train_configs, **args), root / "train.log")
+        timing_file.write_text(json.dumps({"seconds": seconds}))
+    if not metrics_file.is_file():
+        run(bundle_run(eval_configs, **args), root / "evaluate.log")
+    curve = pd.read_csv(root / "eval" / "learning_curve.csv")
+    return {**json.loads(metrics_file.read_text()), "train_seconds": json.loads(timing_file.read_text())["seconds"],
+            "curve": curve.to_dict(orient="list")}
+
+
+def score_on(root: Path, datalist: Path, name: str) -> dict:
+    """Brain-age metrics of the trained model in ``root`` on every subject of ``datalist``."""
+    output = root / f"eval_{name}"
+    if not (output / "test_metrics.json").is_file():
+        run(bundle_run([TRAIN, EVALUATE], bundle_root=root, datalist_file=datalist, output_dir=output),
+            root / f"evaluate_{name}.log")
+    return json.loads((output / "test_metrics.json").read_text())
+
+
+# --------------------------------------------------------------------------------------------- parts
+
+
+def part_default(out: Path, seeds: list[int], datalist: Path, tag: str = "default") -> dict:
+    runs = {seed: train_and_test(out / tag / f"seed{seed}", datalist, {"seed": seed}) for seed in seeds}
+    splits = read_datalist(datalist)
+    return {"runs": runs, "baselines": age_baselines(splits["training"], splits["validation"], splits["test"])}
+
+
+def part_small(out: Path, seeds: list[int], datalist: Path, n_small: int) -> dict:
+    splits = read_datalist(datalist)
+    small = out / "data" / f"first{n_small}.json"
+    if not small.is_file():
+        write_datalist(small, {**splits, "training": splits["training"][:n_small]})
+    return part_default(out, seeds, small, tag=f"train{n_small}")
+
+
+def part_variants(out: Path, seeds: list[int], datalist: Path) -> dict:
+    rows = {}
+    for aggregation, position, axis in itertools.product(AGGREGATIONS, (False, True), AXES):
+        name = f"{aggregation}_{'pe' if position else 'nope'}_{axis}"
+        overrides = {"network_def#aggregation": aggregation, "network_def#position_embedding": position,
+                     "network_def#slice_axis": axis, "seed": seeds[0]}
+        rows[name] = {"overrides": overrides, "runs": {seeds[0]: train_and_test(out / "variants" / name, datalist, overrides)}}
+    best = sorted(rows, key=lambda name: rows[name]["runs"][seeds[0]]["mae"])[:4]
+    for name in best:
+        for seed in seeds[1:]:
+            overrides = {**rows[name]["overrides"], "seed": seed}
+            rows[name]["runs"][seed] = train_and_test(out / "variants" / f"{name}_seed{seed}", datalist, overrides)
+    resnet = {"network_def#encoder": "resnet18", "seed": seeds[0]}
+    rows["resnet18"] = {"overrides": resnet, "runs": {seeds[0]: train_and_test(out / "variants" / "resnet18", datalist, resnet)}}
+    return {"rows": rows, "best": best}
+
+
+def part_ad(out: Path, seeds: list[int], datalist: Path, brain_age_model: Path | None) -> dict:
+    runs = {seed: train_and_test(out / "ad" / f"seed{seed}", datalist, {"seed": seed}, ad=True) for seed in seeds}
+    result = {"runs": runs}
+    if brain_age_model is not None and brain_age_model.is_file():
+        result["from_brain_age"] = {
+            seed: train_and_test(out / "ad" / f"from_brain_age_seed{seed}", datalist,
+                                 {"seed": seed, "init_weights": brain_age_model}, ad=True) for seed in seeds}
+    splits = read_datalist(datalist)
+    result["baseline"] = ad_baseline(splits["training"], splits["validation"], splits["test"])
+    return result
+
+
+def part_transfer(out: Path, model_root: Path, ixi_dir: Path | None) -> dict:
+    result = {"shifted": score_on(model_root, all_as_test(cohort(out, "shifted", SHIFTED_COHORT),
+                                                          out / "data" / "shifted_all.json"), "shifted")}
+    if ixi_dir is not None and (ixi_dir / "participants.tsv").is_file():
+        prepared = out / "data" / "ixi_prep"
+        if not (prepared / "datalist.json").is_file():
+            table = pd.read_csv(ixi_dir / "participants.tsv", sep="\t")
+            records = [{"image": str(ixi_dir / f"{row.participant_id}_T1.nii.gz"), "age": float(row.age),
+                        "sex": row.sex, "site": row.site, "subject": row.participant_id} for row in table.itertuples()]
+            raw = write_datalist(out / "data" / "ixi_raw.json", {"test": records})
+            run([sys.executable, "-m", "data_prep", "preprocess", "--datalist", str(raw), "--out_dir", str(prepared),
+                 "--resolution", str(COHORT["resolution"])], out / "logs" / "preprocess_ixi.log")
+        result["ixi"] = score_on(model_root, prepared / "datalist.json", "ixi")
+    return result
+
+
+# ------------------------------------------------------------------------------------------ reporting
+
+
+def mean_sd(values) -> str:
+    values = np.asarray([v for v in values if v is not None], float)
+    return f"{values.mean():.2f} +/- {values.std(ddof=1):.2f}" if values.size > 1 else f"{values.mean():.2f}"
+
+
+def plot_learning_curves(runs: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    for seed, result in runs.items():
+        curve = result["curve"]
+        for ax, column, title in zip(axes, ("train_loss", "val_mae", "val_pearson_r"),
+                                     ("training loss (MSE, years^2)", "validation MAE (years)", "validation Pearson r")):
+            ax.plot(curve["epoch"], curve[column], marker="o", ms=2.5, label=f"seed {seed}")
+            ax.set(xlabel="epoch", title=title)
+    axes[0].set_yscale("log")
+    axes[2].legend()
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def stability(curve: dict, from_epoch: int = 10) -> dict:
+    """Largest ratio of an epoch's validation MAE to the best so far, after ``from_epoch``."""
+    mae = np.asarray(curve["val_mae"], float)
+    ratios = [mae[i] / mae[: i + 1].min() for i in range(from_epoch, len(mae))]
+    return {"max_ratio_to_best": float(max(ratios)) if ratios else float("nan")}
+
+
+def markdown(results: dict, args) -> str:
+    lines = ["# Slice network: evidence", "",
+             f"Made by `python benchmarks/slice_evidence.py --out {args.out} --seeds {' '.join(map(str, args.seeds))}` "
+             f"on {platform.processor() or platform.machine()} ({results['cpu']}), torch threads "
+             f"{results['threads']}. Every row is the bundle's train.json + evaluate.json with the overrides shown.",
+             ""]
+    for key, title in (("default", f"Default config, {COHORT['n']}-subject {COHORT['resolution']} mm cohort"),
+                       ("small", f"Default config, first {args.n_small} training subjects")):
+        if key not in results:
+            continue
+        part = results[key]
+        runs, base = part["runs"], part["baselines"]
+        lines += [f"## {title}", "",
+                  "| model | test MAE (years) | test r | training time |", "|---|---|---|---|",
+                  f"| slice network, {len(runs)} seeds | {mean_sd(r['mae'] for r in runs.values())} | "
+                  f"{mean_sd(r['pearson_r'] for r in runs.values())} | "
+                  f"{mean_sd(r['train_seconds'] / 60 for r in runs.values())} min |",
+                  f"| ridge on 8 mm voxels ({base['n_train']} training subjects) | {base['ridge_mae']:.2f} | "
+                  f"{base['ridge_r']:.3f} | |",
+                  f"| constant (training mean) | {base['constant_mae']:.2f} | | |", "",
+                  "Per seed: " + "; ".join(
+                      f"seed {s}: MAE {r['mae']:.2f}, r {r['pearson_r']:.3f}, after epoch 10 the worst validation "
+                      f"MAE was {stability(r['curve'])['max_ratio_to_best']:.2f}x the best so far"
+                      for s, r in runs.items()), ""]
+        if key == "default":
+            lines += ["![learning curves](figures/learning_curves.png)", ""]
+    if "variants" in results:
+        rows, best = results["variants"]["rows"], results["variants"]["best"]
+        lines += ["## Variants (test MAE, years)", "",
+                  "| aggregation | position embedding | " + " | ".join(AXES) + " |", "|---|---|---|---|---|"]
+        for aggregation, position in itertools.product(AGGREGATIONS, ("nope", "pe")):
+            cells = []
+            for axis in AXES:
+                runs = rows[f"{aggregation}_{position}_{axis}"]["runs"]
+                cells.append(mean_sd(r["mae"] for r in runs.values()) + (f" ({len(runs)} seeds)" if len(runs) > 1 else ""))
+            lines.append(f"| {aggregation} | {'on' if position == 'pe' else 'off'} | " + " | ".join(cells) + " |")
+        resnet = rows["resnet18"]["runs"]
+        lines += ["", f"Best four (then run with {len(args.seeds)} seeds): {', '.join(best)}. "
+                  f"ResNet-18 encoder (random init, mean pooling, sagittal): MAE {mean_sd(r['mae'] for r in resnet.values())}, "
+                  f"training {mean_sd(r['train_seconds'] / 60 for r in resnet.values())} min; ImageNet weights need a "
+                  "download, which this machine cannot make.", ""]
+    if "ad" in results:
+        part = results["ad"]
+        base = part["baseline"]
+        lines += [f"## AD detection, {AD_COHORT['n']}-subject cohort with {AD_COHORT['ad_fraction']:.0%} AD", "",
+                  "| model | test AUC (95 % bootstrap interval) | balanced accuracy |", "|---|---|---|"]
+        for key, label in (("runs", "slice network from scratch"), ("from_brain_age", "slice network from the brain-age model")):
+            for seed, r in part.get(key, {}).items():
+                lines.append(f"| {label}, seed {seed} | {r['auc']:.3f} ({r['auc_ci95_low']:.3f}-{r['auc_ci95_high']:.3f}) | "
+                             f"{r['balanced_accuracy']:.3f} |")
+        lines += [f"| logistic regression on 8 mm voxels | {base['logistic_auc']:.3f} ({base['logistic_auc_ci95_low']:.3f}-"
+                  f"{base['logistic_auc_ci95_high']:.3f}) | |", ""]
+    if "transfer" in results:
+        part = results["transfer"]
+        settings = ", ".join(f"{k} {v}" for k, v in SHIFTED_COHORT.items())
+        lines += ["## Transfer: the first default model on data it was not trained on", "",
+                  "| data | n | MAE | Pearson r | mean gap |", "|---|---|---|---|---|"]
+        for key, label in (("shifted", f"simulated with other settings ({settings})"),
+                           ("ixi", "ten real IXI heads (ages 23-51), `preprocess --resolution 4`")):
+            if key in part:
+                m = part[key]
+                lines.append(f"| {label} | {m['n']} | {m['mae']:.2f} | {m['pearson_r']:.3f} | {m['mean_gap']:+.2f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def cpu_features() -> str:
+    flags = Path("/proc/cpuinfo").read_text().split("flags")[1].split("\n")[0] if Path("/proc/cpuinfo").is_file() else ""
+    return ", ".join(f for f in ("avx512_bf16", "amx_bf16", "avx2") if f in flags.split()) or "no AVX2"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/evidence")
+    parser.add_argument("--parts", default=",".join(PARTS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--n_small", type=int, default=100)
+    parser.add_argument("--ixi_dir", default=str(REPO.parent / "shared" / "data" / "ixi_hh10"))
+    parser.add_argument("--docs", default=str(REPO / "bundles" / "slice_cnn_brainage" / "docs"))
+    args = parser.parse_args()
+    out = Path(args.out).resolve()
+    parts = [p for p in args.parts.split(",") if p]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        parser.error(f"unknown parts {unknown}; choose from {PARTS}")
+    import torch
+
+    results_file = out / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    results.update(cpu=cpu_features(), threads=torch.get_num_threads())
+    datalist = cohort(out, "cohort400", COHORT)
+    default_root = out / "default" / f"seed{args.seeds[0]}"
+    for part in parts:
+        if part == "default":
+            results["default"] = part_default(out, args.seeds, datalist)
+        elif part == "small":
+            results["small"] = part_small(out, args.seeds, datalist, args.n_small)
+        elif part == "variants":
+            results["variants"] = part_variants(out, args.seeds, datalist)
+        elif part == "ad":
+            results["ad"] = part_ad(out, args.seeds, cohort(out, "ad400", AD_COHORT), default_root / "models" / "model.pt")
+        elif part == "transfer":
+            if not (default_root / "models" / "model.pt").is_file():
+                results["default"] = part_default(out, args.seeds[:1], datalist)
+            results["transfer"] = part_transfer(out, default_root, Path(args.ixi_dir) if args.ixi_dir else None)
+        results_file.parent.mkdir(parents=True, exist_ok=True)
+        results_file.write_text(json.dumps(results, indent=1, default=str))
+        print(f"{part}: done", flush=True)
+    docs = Path(args.docs)
+    if "default" in results:
+        plot_learning_curves(results["default"]["runs"], docs / "figures" / "learning_curves.png")
+    text = markdown(results, args)
+    (docs / "evidence.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
