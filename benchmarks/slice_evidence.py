@@ -12,8 +12,8 @@ Parts (``--parts``, default all):
   split), training time, and the learning curves (train loss, val MAE, val r per epoch) as a figure;
 - ``small``: the same with only the first ``--n_small`` training subjects, ridge on the same subjects;
 - ``variants``: aggregation (mean, max, attention, transformer) x position embedding x slice axis, one
-  seed each, then the best four rows with two more seeds; sfcn2d against ResNet-18 (random init: ImageNet
-  weights cannot be downloaded here);
+  seed each, then the best four with two more seeds; sfcn2d against ResNet-18 (random init: ImageNet
+  weights cannot be downloaded here); ``--variant_epochs`` each (the default schedule, shorter: 32 runs);
 - ``ad``: the AD detector on a 400-subject cohort with 30 % AD: test AUC with its bootstrap 95 % interval,
   from scratch and started from the first default brain-age model, against logistic regression on voxels;
 - ``transfer``: the first default model on a cohort simulated with other settings (other seed, more
@@ -86,29 +86,45 @@ def all_as_test(datalist: Path, out: Path) -> Path:
     return out
 
 
+EXTRA_OVERRIDES: dict = {}  # --overrides: applied to every bundle run (e.g. tiny networks for a smoke test)
+
+
 def train_and_test(root: Path, datalist: Path, overrides: dict, ad: bool = False) -> dict:
     """Train (unless done) and evaluate on the test split; return test metrics, time and learning curve."""
     train_configs = [TRAIN, TRAIN_AD] if ad else [TRAIN]
     eval_configs = train_configs + ([EVALUATE, EVALUATE_AD] if ad else [EVALUATE])
     metrics_file = root / "eval" / ("test_detection_metrics.json" if ad else "test_metrics.json")
     timing_file = root / "train_seconds.json"
-    args = {"bundle_root": root, "datalist_file": datalist, **overrides}
+    args = {"bundle_root": root, "datalist_file": datalist, **EXTRA_OVERRIDES, **overrides}
     if not timing_file.is_file():
         seconds = run(bundle_run(train_configs, **args), root / "train.log")
         timing_file.write_text(json.dumps({"seconds": seconds}))
     if not metrics_file.is_file():
         run(bundle_run(eval_configs, **args), root / "evaluate.log")
     curve = pd.read_csv(root / "eval" / "learning_curve.csv")
-    return {**json.loads(metrics_file.read_text()), "train_seconds": json.loads(timing_file.read_text())["seconds"],
-            "curve": curve.to_dict(orient="list")}
+    result = {**json.loads(metrics_file.read_text()), "train_seconds": json.loads(timing_file.read_text())["seconds"],
+              "curve": curve.to_dict(orient="list")}
+    if not ad:
+        result["last_validation"] = calibration_check(root / "eval" / "val_predictions.csv")
+    return result
+
+
+def calibration_check(predictions_csv: Path) -> dict:
+    """MAE of the last validation against the MAE after refitting a linear calibration (age on predicted
+    age) on those same predictions: equal when the output's offset and scale are right."""
+    table = pd.read_csv(predictions_csv)
+    age, predicted = table.age.to_numpy(float), table.predicted_age.to_numpy(float)
+    slope, intercept = np.polyfit(predicted, age, 1)
+    return {"mae": float(np.abs(predicted - age).mean()),
+            "calibrated_mae": float(np.abs(slope * predicted + intercept - age).mean())}
 
 
 def score_on(root: Path, datalist: Path, name: str) -> dict:
     """Brain-age metrics of the trained model in ``root`` on every subject of ``datalist``."""
     output = root / f"eval_{name}"
     if not (output / "test_metrics.json").is_file():
-        run(bundle_run([TRAIN, EVALUATE], bundle_root=root, datalist_file=datalist, output_dir=output),
-            root / f"evaluate_{name}.log")
+        run(bundle_run([TRAIN, EVALUATE], bundle_root=root, datalist_file=datalist, output_dir=output,
+                       **EXTRA_OVERRIDES), root / f"evaluate_{name}.log")
     return json.loads((output / "test_metrics.json").read_text())
 
 
@@ -129,21 +145,21 @@ def part_small(out: Path, seeds: list[int], datalist: Path, n_small: int) -> dic
     return part_default(out, seeds, small, tag=f"train{n_small}")
 
 
-def part_variants(out: Path, seeds: list[int], datalist: Path) -> dict:
+def part_variants(out: Path, seeds: list[int], datalist: Path, epochs: int) -> dict:
     rows = {}
     for aggregation, position, axis in itertools.product(AGGREGATIONS, (False, True), AXES):
         name = f"{aggregation}_{'pe' if position else 'nope'}_{axis}"
         overrides = {"network_def#aggregation": aggregation, "network_def#position_embedding": position,
-                     "network_def#slice_axis": axis, "seed": seeds[0]}
+                     "network_def#slice_axis": axis, "seed": seeds[0], "train#trainer#max_epochs": epochs}
         rows[name] = {"overrides": overrides, "runs": {seeds[0]: train_and_test(out / "variants" / name, datalist, overrides)}}
     best = sorted(rows, key=lambda name: rows[name]["runs"][seeds[0]]["mae"])[:4]
     for name in best:
         for seed in seeds[1:]:
             overrides = {**rows[name]["overrides"], "seed": seed}
             rows[name]["runs"][seed] = train_and_test(out / "variants" / f"{name}_seed{seed}", datalist, overrides)
-    resnet = {"network_def#encoder": "resnet18", "seed": seeds[0]}
+    resnet = {"network_def#encoder": "resnet18", "seed": seeds[0], "train#trainer#max_epochs": epochs}
     rows["resnet18"] = {"overrides": resnet, "runs": {seeds[0]: train_and_test(out / "variants" / "resnet18", datalist, resnet)}}
-    return {"rows": rows, "best": best}
+    return {"rows": rows, "best": best, "epochs": epochs}
 
 
 def part_ad(out: Path, seeds: list[int], datalist: Path, brain_age_model: Path | None) -> dict:
@@ -208,13 +224,13 @@ def plot_learning_curves(runs: dict, path: Path) -> None:
 def stability(curve: dict, from_epoch: int = 10) -> dict:
     """Largest ratio of an epoch's validation MAE to the best so far, after ``from_epoch``."""
     mae = np.asarray(curve["val_mae"], float)
-    ratios = [mae[i] / mae[: i + 1].min() for i in range(from_epoch, len(mae))]
+    ratios = [mae[i] / mae[: i + 1].min() for i in range(from_epoch, len(mae))]  # epochs after from_epoch
     return {"max_ratio_to_best": float(max(ratios)) if ratios else float("nan")}
 
 
 def markdown(results: dict, args) -> str:
     lines = ["# Slice network: evidence", "",
-             f"Made by `python benchmarks/slice_evidence.py --out {args.out} --seeds {' '.join(map(str, args.seeds))}` "
+             f"Made by `python benchmarks/slice_evidence.py {' '.join(sys.argv[1:])}` "
              f"on {platform.processor() or platform.machine()} ({results['cpu']}), torch threads "
              f"{results['threads']}. Every row is the bundle's train.json + evaluate.json with the overrides shown.",
              ""]
@@ -226,7 +242,7 @@ def markdown(results: dict, args) -> str:
         runs, base = part["runs"], part["baselines"]
         lines += [f"## {title}", "",
                   "| model | test MAE (years) | test r | training time |", "|---|---|---|---|",
-                  f"| slice network, {len(runs)} seeds | {mean_sd(r['mae'] for r in runs.values())} | "
+                  f"| slice network, {len(runs)} seed{'s' if len(runs) > 1 else ''} | {mean_sd(r['mae'] for r in runs.values())} | "
                   f"{mean_sd(r['pearson_r'] for r in runs.values())} | "
                   f"{mean_sd(r['train_seconds'] / 60 for r in runs.values())} min |",
                   f"| ridge on 8 mm voxels ({base['n_train']} training subjects) | {base['ridge_mae']:.2f} | "
@@ -234,13 +250,14 @@ def markdown(results: dict, args) -> str:
                   f"| constant (training mean) | {base['constant_mae']:.2f} | | |", "",
                   "Per seed: " + "; ".join(
                       f"seed {s}: MAE {r['mae']:.2f}, r {r['pearson_r']:.3f}, after epoch 10 the worst validation "
-                      f"MAE was {stability(r['curve'])['max_ratio_to_best']:.2f}x the best so far"
-                      for s, r in runs.items()), ""]
+                      f"MAE was {stability(r['curve'])['max_ratio_to_best']:.2f}x the best so far, last validation "
+                      f"MAE {r['last_validation']['mae']:.2f} against {r['last_validation']['calibrated_mae']:.2f} after "
+                      "refitting a linear calibration on it" for s, r in runs.items()), ""]
         if key == "default":
             lines += ["![learning curves](figures/learning_curves.png)", ""]
     if "variants" in results:
         rows, best = results["variants"]["rows"], results["variants"]["best"]
-        lines += ["## Variants (test MAE, years)", "",
+        lines += [f"## Variants (test MAE, years; each trained {results['variants']['epochs']} epochs)", "",
                   "| aggregation | position embedding | " + " | ".join(AXES) + " |", "|---|---|---|---|---|"]
         for aggregation, position in itertools.product(AGGREGATIONS, ("nope", "pe")):
             cells = []
@@ -289,9 +306,16 @@ def main() -> None:
     parser.add_argument("--parts", default=",".join(PARTS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--n_small", type=int, default=100)
+    parser.add_argument("--variant_epochs", type=int, default=20,
+                        help="epochs of each variant-table run (the default config's schedule over fewer epochs)")
     parser.add_argument("--ixi_dir", default=str(REPO.parent / "shared" / "data" / "ixi_hh10"))
     parser.add_argument("--docs", default=str(REPO / "bundles" / "slice_cnn_brainage" / "docs"))
+    parser.add_argument("--n", type=int, default=COHORT["n"], help="subjects in each simulated cohort")
+    parser.add_argument("--overrides", default="{}", help="JSON dict of bundle overrides for every run")
     args = parser.parse_args()
+    EXTRA_OVERRIDES.update(json.loads(args.overrides))
+    for settings in (COHORT, AD_COHORT):
+        settings["n"] = args.n
     out = Path(args.out).resolve()
     parts = [p for p in args.parts.split(",") if p]
     unknown = sorted(set(parts) - set(PARTS))
@@ -310,7 +334,7 @@ def main() -> None:
         elif part == "small":
             results["small"] = part_small(out, args.seeds, datalist, args.n_small)
         elif part == "variants":
-            results["variants"] = part_variants(out, args.seeds, datalist)
+            results["variants"] = part_variants(out, args.seeds, datalist, args.variant_epochs)
         elif part == "ad":
             results["ad"] = part_ad(out, args.seeds, cohort(out, "ad400", AD_COHORT), default_root / "models" / "model.pt")
         elif part == "transfer":

@@ -11,8 +11,8 @@ The file holds state dicts and plain values only (loadable with ``weights_only=T
 ``save_dict`` (networks, optimisers, schedulers, the trainer's epoch and iteration), each evaluator's best
 metric and its epoch, and the trainer's (not part of an ignite engine's state dict), the best-model list of each key-metric
 CheckpointSaver among ``best_model_savers`` (else the first validation after a restart would overwrite
-``model.pt`` whatever its score), and the torch, NumPy and Python random states, so that a resumed run
-without random transforms draws the same batches as an uninterrupted one.
+``model.pt`` whatever its score), and the torch, NumPy and Python random states and those of the random
+transforms given, so that a resumed run draws the same batches and augmentations as an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointSaver
+from monai.transforms import Compose, Randomizable
 
 from custom_components.options import as_bool
 from custom_components.validation import load_checkpoint, unwrap
@@ -71,11 +72,13 @@ class TrainingResume:
         save_interval: write every this many epochs.
         save: write at all (false on the non-zero ranks of a multi-GPU run, which only load).
         map_location: where tensors are loaded.
+        transforms: the training transforms (a MONAI Compose or a list); the random states of their
+            random transforms are saved and restored.
     """
 
     def __init__(self, save_dir: str, save_dict: Mapping[str, object], engines: Mapping[str, Engine] | None = None,
                  best_model_savers: Sequence[object] = (), resume=True, filename: str = "checkpoint_resume.pt",
-                 save_interval: int = 1, save=True, map_location=None) -> None:
+                 save_interval: int = 1, save=True, map_location=None, transforms=None) -> None:
         if int(save_interval) < 1:
             raise ValueError(f"save_interval must be >= 1, got {save_interval}")
         if RESUME_KEY in save_dict:
@@ -89,6 +92,7 @@ class TrainingResume:
         self.save_interval = int(save_interval)
         self.save = as_bool(save, "save")
         self.map_location = map_location
+        self.random_transforms = random_transforms(transforms)
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self.load)
@@ -107,8 +111,9 @@ class TrainingResume:
             "best_model_savers": [dict(s._key_metric_checkpoint.state_dict()) for s in self.savers],
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy_rng": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
+            "numpy_rng": _numpy_state_to_save(numpy_state),
             "python_rng": random.getstate(),
+            "transform_rngs": [_numpy_state_to_save(t.R.get_state()) for t in self.random_transforms],
         }
         return content
 
@@ -135,9 +140,15 @@ class TrainingResume:
         torch.set_rng_state(extra["torch_rng"].cpu())
         if torch.cuda.is_available() and len(extra["cuda_rng"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all([state.cpu() for state in extra["cuda_rng"]])
-        numpy_rng = extra["numpy_rng"]
-        np.random.set_state((numpy_rng[0], numpy_rng[1].cpu().numpy().astype(np.uint32), *numpy_rng[2:]))
+        np.random.set_state(_numpy_state_loaded(extra["numpy_rng"]))
         random.setstate(extra["python_rng"])
+        saved_transforms = extra.get("transform_rngs", [])
+        if len(saved_transforms) != len(self.random_transforms):
+            logger.warning(f"{self.path} holds the random states of {len(saved_transforms)} random transforms, this "
+                           f"run has {len(self.random_transforms)}: augmentation will not repeat the uninterrupted run")
+        else:
+            for transform, state in zip(self.random_transforms, saved_transforms):
+                transform.R.set_state(_numpy_state_loaded(state))
         if max_epochs is not None:
             if engine.state.epoch > max_epochs:
                 raise ValueError(f"{self.path} is at epoch {engine.state.epoch}, beyond max_epochs {max_epochs}; "
@@ -145,4 +156,33 @@ class TrainingResume:
             engine.state.max_epochs = max_epochs  # the command's max_epochs, not the checkpoint's
         logger.info(f"resumed from {self.path}: epoch {engine.state.epoch}, iteration {engine.state.iteration}")
         return True
+
+
+def random_transforms(transforms) -> list[Randomizable]:
+    """The random transforms of a MONAI Compose (flattened) or a list of transforms, in order, each followed
+    by the random transforms it holds (a dictionary transform draws from its array transform's state)."""
+    if transforms is None:
+        return []
+    items = transforms.flatten().transforms if isinstance(transforms, Compose) else list(transforms)
+    found: list[Randomizable] = []
+
+    def visit(obj, depth: int) -> None:
+        if isinstance(obj, Randomizable) and all(obj is not seen for seen in found):
+            found.append(obj)
+            if depth < 2:
+                for value in vars(obj).values():
+                    visit(value, depth + 1)
+
+    for item in items:
+        visit(item, 0)
+    return found
+
+
+def _numpy_state_to_save(state: tuple) -> list:
+    """A NumPy RandomState state as plain values and a tensor (loadable with weights_only=True)."""
+    return [state[0], torch.from_numpy(np.asarray(state[1]).astype(np.int64)), *state[2:]]
+
+
+def _numpy_state_loaded(saved: list) -> tuple:
+    return (saved[0], saved[1].cpu().numpy().astype(np.uint32), *saved[2:])
 

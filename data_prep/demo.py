@@ -100,13 +100,13 @@ class DemoSettings:
     """Everything that sizes the demo; see ``run_demo`` for the meaning of each field."""
 
     n_subjects: int = 150
-    n_ad_subjects: int = 100
+    n_ad_subjects: int = 200
     resolution: float = 4.0
     seed: int = 0
     gan_epochs: int = 40
     target_per_bin: int = 4
-    slice_epochs: int = 10
-    ad_epochs: int = 10
+    slice_epochs: int = 20
+    ad_epochs: int = 20
     gan_network: dict = field(default_factory=dict)
     gan_training: dict = field(default_factory=dict)
     slice_network: dict = field(default_factory=dict)

@@ -319,8 +319,8 @@ def test_training_records_its_learning_curve_and_follows_the_learning_rate_sched
 
 
 def test_saved_models_hold_batch_norm_statistics_of_their_own_weights(tmp_path, cohort):
-    """Precise batch norm: the final checkpoint's running statistics are those of its final weights on the
-    training data (one batch of all 8 training volumes, no augmentation: exactly reproducible)."""
+    """Precise batch norm: the final checkpoint's running statistics are those of its final (averaged)
+    weights on the training data (one batch of all 8 training volumes, no augmentation: reproducible)."""
     settings = {"augment": False, "train#trainer#max_epochs": 2, "learning_rate": 0.01}
     workflow = _train(tmp_path, cohort, **settings)
     network = workflow.parser.get_parsed_content("network")
@@ -328,11 +328,13 @@ def test_saved_models_hold_batch_norm_statistics_of_their_own_weights(tmp_path, 
     network.load_state_dict(final)
     loader = workflow.parser.get_parsed_content("train#dataloader")
     prepare = workflow.parser.get_parsed_content("prepare_batch")
-    assert recompute_batch_norm_statistics(network, (prepare(batch, "cpu")[0] for batch in loader)) == 1
+    inferer = workflow.parser.get_parsed_content("train#inferer")  # bf16 autocast on CPUs that have it, as trained
+    images = (prepare(batch, "cpu")[0] for batch in loader)
+    assert recompute_batch_norm_statistics(network, images, inferer=inferer) == 1
     running = [key for key in final if "running" in key]
     assert running
     for key in running:
-        torch.testing.assert_close(network.state_dict()[key], final[key], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(network.state_dict()[key], final[key], rtol=1e-3, atol=1e-3)
 
 
 def test_command_line_variant_override(tmp_path, cohort):
@@ -388,7 +390,8 @@ def test_a_crash_mid_training_still_writes_the_final_checkpoint(tmp_path, cohort
         workflow.run()
     assert "simulated crash" in str(err.value.__cause__)
     final = torch.load(tmp_path / "models" / "checkpoint_last.pt", weights_only=True)
-    assert set(final) >= {"model", "optimizer", "trainer", "bias_correction"}
+    assert set(final) >= {"model", "training_model", "weight_average", "optimizer", "lr_scheduler", "trainer",
+                          "bias_correction"}
     assert final["trainer"]["iteration"] == 2 * final["trainer"]["epoch_length"]  # saved at the end of epoch 2
     for key, value in weights_at_crash.items():
-        torch.testing.assert_close(final["model"][key], value)
+        torch.testing.assert_close(final["training_model"][key], value)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 from monai.bundle import ConfigWorkflow
 from monai.handlers import CheckpointSaver
 
@@ -29,7 +29,8 @@ from reliability_helpers import BUNDLES, GAN_TINY, SLICE_TINY, bundle_command
 MAX_EPOCHS = 3
 ITERATIONS = 4  # per epoch: 8 training volumes in batches of 2
 BUNDLE_CASES = {
-    "slice_cnn_brainage": ({**SLICE_TINY, "train#dataloader#batch_size": 2}, ["model", "bias_correction", "optimizer", "trainer"]),
+    "slice_cnn_brainage": ({**SLICE_TINY, "batch_size": 2}, ["model", "bias_correction", "optimizer", "training_model",
+                                                              "weight_average", "lr_scheduler", "trainer"]),
     "tgb_gan_augment": ({**GAN_TINY, "batch_size": 2}, ["generator", "critic", "regressor", "g_optimizer", "d_optimizer",
                                                           "warmup_optimizer", "g_lr_scheduler", "d_lr_scheduler", "trainer"]),
 }
@@ -50,13 +51,17 @@ def _kill_mid_epoch(command: list[str], cwd: Path, log: Path) -> int:
     return int(started.group(1))
 
 
-def _restored(bundle: str, root: Path, cohort: Path, epochs: int, tiny: dict):
+def _restored(bundle: str, root: Path, cohort: Path, epochs: int, tiny: dict, stop_after: int | None = None):
     """The training workflow run in this process to ``epochs`` (resuming from ``root``'s checkpoint if any;
-    with ``epochs`` = the checkpoint's epoch it only restores)."""
+    with ``epochs`` = the checkpoint's epoch it only restores); ``stop_after`` ends the run after that epoch,
+    as a crash would, with the same settings."""
     workflow = ConfigWorkflow(config_file=str(BUNDLES / bundle / "configs" / "train.json"), workflow_type=None,
                               bundle_root=str(root), dataset_dir=str(cohort),
                               **{**tiny, "train#trainer#max_epochs": epochs})
     workflow.initialize()
+    if stop_after is not None:
+        trainer = workflow.parser.get_parsed_content("train#trainer")
+        trainer.add_event_handler(Events.EPOCH_COMPLETED(once=stop_after), lambda engine: engine.terminate())
     workflow.run()
     return workflow
 
@@ -91,6 +96,9 @@ def test_sigkill_mid_training_then_the_same_command_resumes_and_finishes(tmp_pat
     assert final[optimizer_key]["state"][0]["step"] == MAX_EPOCHS * ITERATIONS  # Adam went on counting
     if "g_lr_scheduler" in final:
         assert final["g_lr_scheduler"]["last_epoch"] == MAX_EPOCHS
+    if "lr_scheduler" in final:  # per-iteration schedule and weight average went on counting too
+        assert final["lr_scheduler"]["last_epoch"] == MAX_EPOCHS * ITERATIONS
+        assert int(final["weight_average"]["updates"]) == MAX_EPOCHS * ITERATIONS
     assert not list((root / "models").glob(".*part*"))
 
 
@@ -151,16 +159,20 @@ def test_preprocessing_removes_partial_files_of_a_killed_run(tmp_path):
 
 
 def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, cohort):
-    """Networks, optimiser, trainer and random states all come back: stopping after epoch 1 and going on
-    to epoch 2 gives, bit for bit, the weights of one uninterrupted 2-epoch run."""
+    """Networks, their average, optimiser, schedule, trainer and random states (augmentation included) all
+    come back: a 2-epoch run stopped after epoch 1 and started again gives, bit for bit, the weights of one
+    uninterrupted 2-epoch run."""
     tiny = BUNDLE_CASES["slice_cnn_brainage"][0]
     whole = _restored("slice_cnn_brainage", tmp_path / "whole", cohort, 2, tiny)
-    _restored("slice_cnn_brainage", tmp_path / "split", cohort, 1, tiny)
+    _restored("slice_cnn_brainage", tmp_path / "split", cohort, 2, tiny, stop_after=1)
     resumed = _restored("slice_cnn_brainage", tmp_path / "split", cohort, 2, tiny)
     assert resumed.parser.get_parsed_content("train#trainer").state.iteration == 2 * ITERATIONS
-    expected = whole.parser.get_parsed_content("network").state_dict()
-    for key, value in resumed.parser.get_parsed_content("network").state_dict().items():
-        torch.testing.assert_close(value, expected[key], rtol=0, atol=0)
+    for name in ("network", "ema"):
+        expected = whole.parser.get_parsed_content(name)
+        got = resumed.parser.get_parsed_content(name)
+        expected, got = (getattr(x, "module", x).state_dict() for x in (expected, got))
+        for key, value in got.items():
+            torch.testing.assert_close(value, expected[key], rtol=0, atol=0)
     # the best validation metric and the best-model list span both epochs, as in the uninterrupted run
     for engine in ("validate#evaluator", "train#trainer"):
         states = [run.parser.get_parsed_content(engine).state for run in (whole, resumed)]
