@@ -15,9 +15,13 @@ Parts (``--parts``, default all):
   seed each, then the best four with two more seeds; sfcn2d against ResNet-18 (random init: ImageNet
   weights cannot be downloaded here); ``--variant_epochs`` each (the default schedule, shorter: 32 runs);
 - ``ad``: the AD detector on a 400-subject cohort with 30 % AD: test AUC with its bootstrap 95 % interval,
-  from scratch and started from the first default brain-age model, against logistic regression on voxels;
-- ``transfer``: the first default model on a cohort simulated with other settings (other seed, more
-  sites, another mix of ageing effects: ``SHIFTED_COHORT``) and, when present, on the ten real IXI heads
+  from scratch (``--seeds``) and started from the first default brain-age model (first seed), against
+  logistic regression on voxels;
+- ``ablation``: the default config without precise batch-norm statistics, and without weight averaging
+  (first seed), learning curves and test MAE beside the default's;
+- ``transfer``: each default model on cohorts simulated with other settings (``TRANSFER_COHORTS``: other
+  seed and sites, each site with its own mix of ageing effects; and the same with another overall mix)
+  and, when present, on the ten real IXI heads
   of ``--ixi_dir`` preprocessed at 4 mm.
 
 Writes ``<out>/results.json``, and ``evidence.md`` plus ``figures/learning_curves.png`` into ``--docs``
@@ -29,6 +33,8 @@ import argparse
 import itertools
 import json
 import platform
+import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -45,27 +51,39 @@ from data_prep.demo import bundle_run
 CONFIGS = REPO / "bundles" / "slice_cnn_brainage" / "configs"
 TRAIN, EVALUATE = CONFIGS / "train.json", CONFIGS / "evaluate.json"
 TRAIN_AD, EVALUATE_AD = CONFIGS / "train_ad.json", CONFIGS / "evaluate_ad.json"
-PARTS = ("default", "small", "variants", "ad", "transfer")
+PARTS = ("default", "small", "variants", "ad", "transfer", "ablation")
+ABLATIONS = {"no precise batch norm (running statistics)": {"precise_bn_batches": 0},
+             "no weight averaging": {"ema_epochs": 0}}
 AGGREGATIONS = ("mean", "max", "attention", "transformer")
 AXES = ("sagittal", "coronal", "axial")
 COHORT = {"n": 400, "resolution": 4, "seed": 0}
 AD_COHORT = {"n": 400, "resolution": 4, "seed": 1, "ad_fraction": 0.3}
-SHIFTED_COHORT = {"n": 150, "resolution": 4, "seed": 7, "n_sites": 5, "site_effect_sd": 0.3,
-                  "ventricle_scale": 1.3, "atrophy_scale": 0.7, "contrast_scale": 1.5, "lesion_scale": 0.5}
+OTHER_SITES = {"n": 150, "resolution": 4, "seed": 7, "n_sites": 5, "site_effect_sd": 0.3}
+TRANSFER_COHORTS = {
+    "other_sites": (OTHER_SITES, "other seed, 5 sites whose ageing-effect mix varies with SD 0.3 (log)"),
+    "shifted": ({**OTHER_SITES, "ventricle_scale": 1.3, "atrophy_scale": 0.7, "contrast_scale": 1.5, "lesion_scale": 0.5},
+                "the same with another overall mix: ventricles x1.3, atrophy x0.7, contrast x1.5, lesions x0.5"),
+}
 
 
 # ------------------------------------------------------------------------------------------- running
 
 
-def run(argv: list[str], log: Path) -> float:
-    """Run a command from the repository root, output to ``log``; return its wall time in seconds."""
+def run(argv: list[str], log: Path) -> dict:
+    """Run a command from the repository root, output to ``log``; return its wall and CPU (user + system,
+    all cores) seconds. CPU time hardly depends on other load on the machine; wall time does."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), _children_cpu_seconds()
     with open(log, "a") as handle:
         code = subprocess.run(argv, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT).returncode
     if code != 0:
         raise RuntimeError(f"command failed (exit {code}), see {log}: {' '.join(map(str, argv))}")
-    return time.perf_counter() - start
+    return {"seconds": time.perf_counter() - start, "cpu_seconds": _children_cpu_seconds() - cpu_start}
+
+
+def _children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def cohort(out: Path, name: str, settings: dict) -> Path:
@@ -97,13 +115,13 @@ def train_and_test(root: Path, datalist: Path, overrides: dict, ad: bool = False
     timing_file = root / "train_seconds.json"
     args = {"bundle_root": root, "datalist_file": datalist, **EXTRA_OVERRIDES, **overrides}
     if not timing_file.is_file():
-        seconds = run(bundle_run(train_configs, **args), root / "train.log")
-        timing_file.write_text(json.dumps({"seconds": seconds}))
+        timing_file.write_text(json.dumps(run(bundle_run(train_configs, **args), root / "train.log")))
     if not metrics_file.is_file():
         run(bundle_run(eval_configs, **args), root / "evaluate.log")
     curve = pd.read_csv(root / "eval" / "learning_curve.csv")
-    result = {**json.loads(metrics_file.read_text()), "train_seconds": json.loads(timing_file.read_text())["seconds"],
-              "curve": curve.to_dict(orient="list")}
+    timing = json.loads(timing_file.read_text())
+    result = {**json.loads(metrics_file.read_text()), "train_seconds": timing["seconds"],
+              "train_cpu_seconds": timing.get("cpu_seconds", float("nan")), "curve": curve.to_dict(orient="list")}
     if not ad:
         result["last_validation"] = calibration_check(root / "eval" / "val_predictions.csv")
     return result
@@ -162,21 +180,30 @@ def part_variants(out: Path, seeds: list[int], datalist: Path, epochs: int) -> d
     return {"rows": rows, "best": best, "epochs": epochs}
 
 
+def part_ablation(out: Path, seed: int, datalist: Path) -> dict:
+    """The default config without each of its stabilisers, one seed (the first default seed is the reference)."""
+    return {name: train_and_test(out / "ablation" / name.split(" (")[0].replace(" ", "_"), datalist,
+                                 {"seed": seed, **overrides})
+            for name, overrides in ABLATIONS.items()}
+
+
 def part_ad(out: Path, seeds: list[int], datalist: Path, brain_age_model: Path | None) -> dict:
     runs = {seed: train_and_test(out / "ad" / f"seed{seed}", datalist, {"seed": seed}, ad=True) for seed in seeds}
     result = {"runs": runs}
     if brain_age_model is not None and brain_age_model.is_file():
         result["from_brain_age"] = {
-            seed: train_and_test(out / "ad" / f"from_brain_age_seed{seed}", datalist,
-                                 {"seed": seed, "init_weights": brain_age_model}, ad=True) for seed in seeds}
+            seeds[0]: train_and_test(out / "ad" / f"from_brain_age_seed{seeds[0]}", datalist,
+                                     {"seed": seeds[0], "init_weights": brain_age_model}, ad=True)}
     splits = read_datalist(datalist)
     result["baseline"] = ad_baseline(splits["training"], splits["validation"], splits["test"])
     return result
 
 
-def part_transfer(out: Path, model_root: Path, ixi_dir: Path | None) -> dict:
-    result = {"shifted": score_on(model_root, all_as_test(cohort(out, "shifted", SHIFTED_COHORT),
-                                                          out / "data" / "shifted_all.json"), "shifted")}
+def part_transfer(out: Path, model_roots: dict, datalist: Path, ixi_dir: Path | None) -> dict:
+    """Each trained model (``model_roots``: seed -> bundle root) scored on other data, beside ridge fitted
+    on the same training split."""
+    elsewhere = {name: all_as_test(cohort(out, name, settings), out / "data" / f"{name}_all.json")
+                 for name, (settings, _) in TRANSFER_COHORTS.items()}
     if ixi_dir is not None and (ixi_dir / "participants.tsv").is_file():
         prepared = out / "data" / "ixi_prep"
         if not (prepared / "datalist.json").is_file():
@@ -186,8 +213,13 @@ def part_transfer(out: Path, model_root: Path, ixi_dir: Path | None) -> dict:
             raw = write_datalist(out / "data" / "ixi_raw.json", {"test": records})
             run([sys.executable, "-m", "data_prep", "preprocess", "--datalist", str(raw), "--out_dir", str(prepared),
                  "--resolution", str(COHORT["resolution"])], out / "logs" / "preprocess_ixi.log")
-        result["ixi"] = score_on(model_root, prepared / "datalist.json", "ixi")
-    return result
+        elsewhere["ixi"] = prepared / "datalist.json"
+    result = {name: {seed: score_on(root, path, name) for seed, root in model_roots.items()}
+              for name, path in elsewhere.items()}
+    splits = read_datalist(datalist)
+    ridge = age_baselines(splits["training"], splits["validation"], splits["test"],
+                          elsewhere={name: read_datalist(path)["test"] for name, path in elsewhere.items()})
+    return {"network": result, "ridge": {name: ridge[f"ridge_{name}"] for name in elsewhere}}
 
 
 # ------------------------------------------------------------------------------------------ reporting
@@ -241,10 +273,11 @@ def markdown(results: dict, args) -> str:
         part = results[key]
         runs, base = part["runs"], part["baselines"]
         lines += [f"## {title}", "",
-                  "| model | test MAE (years) | test r | training time |", "|---|---|---|---|",
+                  "| model | test MAE (years) | test r | training time (CPU: all cores) |", "|---|---|---|---|",
                   f"| slice network, {len(runs)} seed{'s' if len(runs) > 1 else ''} | {mean_sd(r['mae'] for r in runs.values())} | "
                   f"{mean_sd(r['pearson_r'] for r in runs.values())} | "
-                  f"{mean_sd(r['train_seconds'] / 60 for r in runs.values())} min |",
+                  f"{mean_sd(r['train_seconds'] / 60 for r in runs.values())} min wall, "
+                  f"{mean_sd(r['train_cpu_seconds'] / 60 for r in runs.values())} min CPU |",
                   f"| ridge on 8 mm voxels ({base['n_train']} training subjects) | {base['ridge_mae']:.2f} | "
                   f"{base['ridge_r']:.3f} | |",
                   f"| constant (training mean) | {base['constant_mae']:.2f} | | |", "",
@@ -255,6 +288,16 @@ def markdown(results: dict, args) -> str:
                       "refitting a linear calibration on it" for s, r in runs.items()), ""]
         if key == "default":
             lines += ["![learning curves](figures/learning_curves.png)", ""]
+    if "ablation" in results and "default" in results:
+        first = next(iter(results["default"]["runs"].values()))
+        lines += ["## What each stabiliser does (first seed)", "",
+                  "| config | test MAE | test r | worst validation MAE after epoch 10 / best so far | "
+                  "last validation MAE / after linear calibration |", "|---|---|---|---|---|"]
+        for name, r in [("default", first), *results["ablation"].items()]:
+            lines.append(f"| {name} | {r['mae']:.2f} | {r['pearson_r']:.3f} | "
+                         f"{stability(r['curve'])['max_ratio_to_best']:.2f} | {r['last_validation']['mae']:.2f} / "
+                         f"{r['last_validation']['calibrated_mae']:.2f} |")
+        lines.append("")
     if "variants" in results:
         rows, best = results["variants"]["rows"], results["variants"]["best"]
         lines += [f"## Variants (test MAE, years; each trained {results['variants']['epochs']} epochs)", "",
@@ -283,15 +326,20 @@ def markdown(results: dict, args) -> str:
                   f"{base['logistic_auc_ci95_high']:.3f}) | |", ""]
     if "transfer" in results:
         part = results["transfer"]
-        settings = ", ".join(f"{k} {v}" for k, v in SHIFTED_COHORT.items())
-        lines += ["## Transfer: the first default model on data it was not trained on", "",
-                  "| data | n | MAE | Pearson r | mean gap |", "|---|---|---|---|---|"]
-        for key, label in (("shifted", f"simulated with other settings ({settings})"),
-                           ("ixi", "ten real IXI heads (ages 23-51), `preprocess --resolution 4`")):
-            if key in part:
-                m = part[key]
-                lines.append(f"| {label} | {m['n']} | {m['mae']:.2f} | {m['pearson_r']:.3f} | {m['mean_gap']:+.2f} |")
-        lines.append("")
+        seeds = len(next(iter(part["network"].values())))
+        lines += [f"## Transfer: the default models ({seeds} seed{'s' if seeds > 1 else ''}) on data they were not trained on", "",
+                  "Ridge on 8 mm voxels, fitted on the same training split, scored on the same data for comparison.", "",
+                  "| data | n | MAE | Pearson r | mean gap | ridge MAE | ridge r | ridge mean gap |",
+                  "|---|---|---|---|---|---|---|---|"]
+        labels = {**{name: f"simulated: {label}" for name, (_, label) in TRANSFER_COHORTS.items()},
+                  "ixi": "ten real IXI heads (ages 23-51), `preprocess --resolution 4`"}
+        for key, runs in part["network"].items():
+            b = part["ridge"][key]
+            lines.append(f"| {labels[key]} | {next(iter(runs.values()))['n']} | {mean_sd(m['mae'] for m in runs.values())} | "
+                         f"{mean_sd(m['pearson_r'] for m in runs.values())} | {mean_sd(m['mean_gap'] for m in runs.values())} | "
+                         f"{b['mae']:.2f} | {b['pearson_r']:.3f} | {b['mean_gap']:+.2f} |")
+        lines += ["", "First seed's model:", "",
+                  *(f"![predicted vs true age, {key}](figures/transfer_{key}.png)" for key in part["network"]), ""]
     return "\n".join(lines)
 
 
@@ -337,16 +385,23 @@ def main() -> None:
             results["variants"] = part_variants(out, args.seeds, datalist, args.variant_epochs)
         elif part == "ad":
             results["ad"] = part_ad(out, args.seeds, cohort(out, "ad400", AD_COHORT), default_root / "models" / "model.pt")
+        elif part == "ablation":
+            results["ablation"] = part_ablation(out, args.seeds[0], datalist)
         elif part == "transfer":
-            if not (default_root / "models" / "model.pt").is_file():
-                results["default"] = part_default(out, args.seeds[:1], datalist)
-            results["transfer"] = part_transfer(out, default_root, Path(args.ixi_dir) if args.ixi_dir else None)
+            roots = {seed: out / "default" / f"seed{seed}" for seed in args.seeds}
+            if not all((root / "models" / "model.pt").is_file() for root in roots.values()):
+                results["default"] = part_default(out, args.seeds, datalist)
+            results["transfer"] = part_transfer(out, roots, datalist, Path(args.ixi_dir) if args.ixi_dir else None)
         results_file.parent.mkdir(parents=True, exist_ok=True)
         results_file.write_text(json.dumps(results, indent=1, default=str))
         print(f"{part}: done", flush=True)
     docs = Path(args.docs)
     if "default" in results:
         plot_learning_curves(results["default"]["runs"], docs / "figures" / "learning_curves.png")
+    for name in results.get("transfer", {}).get("network", {}):
+        scatter = default_root / f"eval_{name}" / "test_scatter.png"
+        if scatter.is_file():
+            shutil.copyfile(scatter, docs / "figures" / f"transfer_{name}.png")
     text = markdown(results, args)
     (docs / "evidence.md").write_text(text + "\n")
     print(text)

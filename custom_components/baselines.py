@@ -36,10 +36,12 @@ def voxel_features(records: list[dict], block: int = BLOCK) -> np.ndarray:
     return np.stack(rows)
 
 
-def age_baselines(train: list[dict], validation: list[dict], test: list[dict]) -> dict:
-    """Test MAE of the constant predictor and of ridge on voxels (alpha chosen on validation MAE)."""
+def age_baselines(train: list[dict], validation: list[dict], test: list[dict],
+                  elsewhere: dict[str, list[dict]] | None = None) -> dict:
+    """Test MAE of the constant predictor and of ridge on voxels (alpha chosen on validation MAE); with
+    ``elsewhere`` (name: records of another cohort), also the same ridge model's MAE, r and mean gap there."""
     x_train, x_val, x_test = (voxel_features(s) for s in (train, validation, test))
-    y_train, y_val, y_test = (np.array([float(r["age"]) for r in s]) for s in (train, validation, test))
+    y_train, y_val, y_test = (_ages(s) for s in (train, validation, test))
 
     def fitted(alpha: float):
         with warnings.catch_warnings():  # small alphas on more voxels than subjects: ill-conditioned, and not chosen
@@ -47,11 +49,22 @@ def age_baselines(train: list[dict], validation: list[dict], test: list[dict]) -
             return make_pipeline(StandardScaler(), Ridge(alpha=alpha)).fit(x_train, y_train)
 
     alpha = min(RIDGE_ALPHAS, key=lambda a: np.abs(fitted(a).predict(x_val) - y_val).mean())
-    prediction = fitted(alpha).predict(x_test)
-    return {"constant_mae": float(np.abs(y_train.mean() - y_test).mean()),
-            "ridge_mae": float(np.abs(prediction - y_test).mean()),
-            "ridge_r": float(np.corrcoef(prediction, y_test)[0, 1]), "ridge_alpha": float(alpha),
-            "n_train": len(train), "n_test": len(test)}
+    model = fitted(alpha)
+    prediction = model.predict(x_test)
+    result = {"constant_mae": float(np.abs(y_train.mean() - y_test).mean()),
+              "ridge_mae": float(np.abs(prediction - y_test).mean()),
+              "ridge_r": float(np.corrcoef(prediction, y_test)[0, 1]), "ridge_alpha": float(alpha),
+              "n_train": len(train), "n_test": len(test)}
+    for name, records in (elsewhere or {}).items():
+        age, predicted = _ages(records), model.predict(voxel_features(records))
+        result[f"ridge_{name}"] = {"n": len(records), "mae": float(np.abs(predicted - age).mean()),
+                                   "pearson_r": float(np.corrcoef(predicted, age)[0, 1]),
+                                   "mean_gap": float((predicted - age).mean())}
+    return result
+
+
+def _ages(records: list[dict]) -> np.ndarray:
+    return np.array([float(r["age"]) for r in records])
 
 
 def ad_baseline(train: list[dict], validation: list[dict], test: list[dict], seed: int = 0) -> dict:

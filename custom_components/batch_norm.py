@@ -83,7 +83,8 @@ class PreciseBatchNorm:
         network: the network (or its DDP wrapper).
         data_loader: training batches (dicts); ``prepare_batch`` turns one into the network input.
         prepare_batch: a MONAI PrepareBatch-like callable ``(batch, device) -> (input, target)``.
-        num_batches: how many batches to average over (the loader's length if larger); None for all.
+        num_batches: how many batches to average over (the loader's length if larger); None for all; 0
+            switches the recomputation off (evaluation then uses the running averages of training).
         interval: epochs between recomputations (the validation interval).
         device: where inputs go.
         amp: run the forward passes under CUDA autocast, as training does (ignored off CUDA).
@@ -93,8 +94,8 @@ class PreciseBatchNorm:
     def __init__(self, network: nn.Module, data_loader: Iterable, prepare_batch: Callable,
                  num_batches: int | None = 16, interval: int = 1, device: str | torch.device = "cpu",
                  amp: bool = False, inferer: Callable | None = None) -> None:
-        if num_batches is not None and int(num_batches) < 1:
-            raise ValueError(f"num_batches must be >= 1 or None, got {num_batches}")
+        if num_batches is not None and int(num_batches) < 0:
+            raise ValueError(f"num_batches must be >= 0 or None, got {num_batches}")
         if int(interval) < 1:
             raise ValueError(f"interval must be >= 1, got {interval}")
         self.network, self.data_loader, self.prepare_batch = network, data_loader, prepare_batch
@@ -105,6 +106,8 @@ class PreciseBatchNorm:
         self.inferer = inferer
 
     def attach(self, engine: Engine) -> None:
+        if self.num_batches == 0:
+            return
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
         engine.add_event_handler(Events.COMPLETED, self._at_end)
 

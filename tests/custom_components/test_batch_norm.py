@@ -113,9 +113,18 @@ def test_handler_recomputes_every_interval_and_at_the_end(max_epochs, interval, 
     assert batch_norm_layers(network)[0].num_batches_tracked == 1  # num_batches=1 of the two
 
 
+def test_zero_batches_switches_the_recomputation_off():
+    network, images, _ = _tiny_problem()
+    engine = Engine(lambda e, b: None)
+    loader = _CountingLoader([{"image": images}], engine)
+    PreciseBatchNorm(network, loader, prepare_batch=lambda batch, device: (batch["image"], None), num_batches=0).attach(engine)
+    engine.run([0], max_epochs=2)
+    assert loader.epochs == [] and batch_norm_layers(network)[0].num_batches_tracked == 0
+
+
 def test_handler_rejects_bad_settings():
     network, _, _ = _tiny_problem()
     with pytest.raises(ValueError, match="num_batches"):
-        PreciseBatchNorm(network, [], prepare_batch=None, num_batches=0)
+        PreciseBatchNorm(network, [], prepare_batch=None, num_batches=-1)
     with pytest.raises(ValueError, match="interval"):
         PreciseBatchNorm(network, [], prepare_batch=None, interval=0)
