@@ -15,14 +15,14 @@ Parts (``--parts``, default all):
   seed each, then the best four with two more seeds; sfcn2d against ResNet-18 (random init: ImageNet
   weights cannot be downloaded here); ``--variant_epochs`` each (the default schedule, shorter: 32 runs);
 - ``ad``: the AD detector on a 400-subject cohort with 30 % AD: test AUC with its bootstrap 95 % interval,
-  from scratch (``--seeds``) and started from the first default brain-age model (first seed), against
-  logistic regression on voxels;
-- ``ablation``: the default config without precise batch-norm statistics, and without weight averaging
-  (first seed), learning curves and test MAE beside the default's;
+  from scratch (``--seeds``) and, unless ``--ad_from_brain_age false``, started from the first default
+  brain-age model (first seed), against logistic regression on voxels and the mean intensity of the
+  simulator's medial-temporal AD region;
+- ``ablation``: the default config without precise batch-norm statistics and/or without weight averaging
+  (``--ablations``; first seed), learning curves and test MAE beside the default's;
 - ``transfer``: each default model on cohorts simulated with other settings (``TRANSFER_COHORTS``: other
   seed and sites, each site with its own mix of ageing effects; and the same with another overall mix)
-  and, when present, on the ten real IXI heads
-  of ``--ixi_dir`` preprocessed at 4 mm.
+  and, when present, on the ten real IXI heads of ``--ixi_dir`` preprocessed at 4 mm, beside ridge.
 
 Writes ``<out>/results.json``, and ``evidence.md`` plus ``figures/learning_curves.png`` into ``--docs``
 (the slice bundle's docs). Run: ``python benchmarks/slice_evidence.py --out runs/evidence``.
@@ -40,11 +40,13 @@ import sys
 import time
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
-from custom_components.baselines import ad_baseline, age_baselines
+from custom_components.baselines import ad_baseline, age_baselines, region_mean_auc
+from custom_components.options import as_bool
 from data_prep.datalist import read_datalist, write_datalist
 from data_prep.demo import bundle_run
 
@@ -52,8 +54,8 @@ CONFIGS = REPO / "bundles" / "slice_cnn_brainage" / "configs"
 TRAIN, EVALUATE = CONFIGS / "train.json", CONFIGS / "evaluate.json"
 TRAIN_AD, EVALUATE_AD = CONFIGS / "train_ad.json", CONFIGS / "evaluate_ad.json"
 PARTS = ("default", "small", "variants", "ad", "transfer", "ablation")
-ABLATIONS = {"no precise batch norm (running statistics)": {"precise_bn_batches": 0},
-             "no weight averaging": {"ema_epochs": 0}}
+ABLATIONS = {"no_precise_bn": ("no precise batch norm (running statistics)", {"precise_bn_batches": 0}),
+             "no_weight_averaging": ("no weight averaging", {"ema_epochs": 0})}
 AGGREGATIONS = ("mean", "max", "attention", "transformer")
 AXES = ("sagittal", "coronal", "axial")
 COHORT = {"n": 400, "resolution": 4, "seed": 0}
@@ -180,11 +182,11 @@ def part_variants(out: Path, seeds: list[int], datalist: Path, epochs: int) -> d
     return {"rows": rows, "best": best, "epochs": epochs}
 
 
-def part_ablation(out: Path, seed: int, datalist: Path) -> dict:
-    """The default config without each of its stabilisers, one seed (the first default seed is the reference)."""
-    return {name: train_and_test(out / "ablation" / name.split(" (")[0].replace(" ", "_"), datalist,
-                                 {"seed": seed, **overrides})
-            for name, overrides in ABLATIONS.items()}
+def part_ablation(out: Path, seed: int, datalist: Path, names: list[str]) -> dict:
+    """The default config without some of its stabilisers (``names`` of ABLATIONS), one seed (the first
+    default seed is the reference)."""
+    return {name: train_and_test(out / "ablation" / name, datalist, {"seed": seed, **ABLATIONS[name][1]})
+            for name in names}
 
 
 def part_ad(out: Path, seeds: list[int], datalist: Path, brain_age_model: Path | None) -> dict:
@@ -196,6 +198,8 @@ def part_ad(out: Path, seeds: list[int], datalist: Path, brain_age_model: Path |
                                      {"seed": seeds[0], "init_weights": brain_age_model}, ad=True)}
     splits = read_datalist(datalist)
     result["baseline"] = ad_baseline(splits["training"], splits["validation"], splits["test"])
+    region = datalist.parent / "derivatives" / "ground_truth" / "medial_temporal_region.nii.gz"
+    result["region_mean"] = region_mean_auc(splits["test"], np.asarray(nib.load(region).dataobj) > 0.5)
     return result
 
 
@@ -281,6 +285,7 @@ def markdown(results: dict, args) -> str:
                   f"| ridge on 8 mm voxels ({base['n_train']} training subjects) | {base['ridge_mae']:.2f} | "
                   f"{base['ridge_r']:.3f} | |",
                   f"| constant (training mean) | {base['constant_mae']:.2f} | | |", "",
+                  f"Mean test MAE of the network / ridge: {np.mean([r['mae'] for r in runs.values()]) / base['ridge_mae']:.2f}.", "",
                   "Per seed: " + "; ".join(
                       f"seed {s}: MAE {r['mae']:.2f}, r {r['pearson_r']:.3f}, after epoch 10 the worst validation "
                       f"MAE was {stability(r['curve'])['max_ratio_to_best']:.2f}x the best so far, last validation "
@@ -293,7 +298,7 @@ def markdown(results: dict, args) -> str:
         lines += ["## What each stabiliser does (first seed)", "",
                   "| config | test MAE | test r | worst validation MAE after epoch 10 / best so far | "
                   "last validation MAE / after linear calibration |", "|---|---|---|---|---|"]
-        for name, r in [("default", first), *results["ablation"].items()]:
+        for name, r in [("default", first), *((ABLATIONS[k][0], r) for k, r in results["ablation"].items())]:
             lines.append(f"| {name} | {r['mae']:.2f} | {r['pearson_r']:.3f} | "
                          f"{stability(r['curve'])['max_ratio_to_best']:.2f} | {r['last_validation']['mae']:.2f} / "
                          f"{r['last_validation']['calibrated_mae']:.2f} |")
@@ -323,7 +328,12 @@ def markdown(results: dict, args) -> str:
                 lines.append(f"| {label}, seed {seed} | {r['auc']:.3f} ({r['auc_ci95_low']:.3f}-{r['auc_ci95_high']:.3f}) | "
                              f"{r['balanced_accuracy']:.3f} |")
         lines += [f"| logistic regression on 8 mm voxels | {base['logistic_auc']:.3f} ({base['logistic_auc_ci95_low']:.3f}-"
-                  f"{base['logistic_auc_ci95_high']:.3f}) | |", ""]
+                  f"{base['logistic_auc_ci95_high']:.3f}) | |"]
+        if "region_mean" in part:
+            m = part["region_mean"]
+            lines.append(f"| mean intensity in the simulator's medial-temporal AD region (no fitting; knows where AD acts) | "
+                         f"{m['auc']:.3f} ({m['auc_ci95_low']:.3f}-{m['auc_ci95_high']:.3f}) | |")
+        lines.append("")
     if "transfer" in results:
         part = results["transfer"]
         seeds = len(next(iter(part["network"].values())))
@@ -358,6 +368,11 @@ def main() -> None:
                         help="epochs of each variant-table run (the default config's schedule over fewer epochs)")
     parser.add_argument("--ixi_dir", default=str(REPO.parent / "shared" / "data" / "ixi_hh10"))
     parser.add_argument("--docs", default=str(REPO / "bundles" / "slice_cnn_brainage" / "docs"))
+    parser.add_argument("--ablations", nargs="+", choices=list(ABLATIONS), default=list(ABLATIONS),
+                        help="which stabilisers the ablation part leaves out")
+    parser.add_argument("--ad_seeds", type=int, nargs="+", default=None, help="seeds of the ad part (default: --seeds)")
+    parser.add_argument("--ad_from_brain_age", type=lambda v: as_bool(v, "--ad_from_brain_age"), default=True,
+                        help="the ad part also trains a detector started from the first default model")
     parser.add_argument("--n", type=int, default=COHORT["n"], help="subjects in each simulated cohort")
     parser.add_argument("--overrides", default="{}", help="JSON dict of bundle overrides for every run")
     args = parser.parse_args()
@@ -384,9 +399,10 @@ def main() -> None:
         elif part == "variants":
             results["variants"] = part_variants(out, args.seeds, datalist, args.variant_epochs)
         elif part == "ad":
-            results["ad"] = part_ad(out, args.seeds, cohort(out, "ad400", AD_COHORT), default_root / "models" / "model.pt")
+            results["ad"] = part_ad(out, args.ad_seeds or args.seeds, cohort(out, "ad400", AD_COHORT),
+                                    default_root / "models" / "model.pt" if args.ad_from_brain_age else None)
         elif part == "ablation":
-            results["ablation"] = part_ablation(out, args.seeds[0], datalist)
+            results["ablation"] = part_ablation(out, args.seeds[0], datalist, args.ablations)
         elif part == "transfer":
             roots = {seed: out / "default" / f"seed{seed}" for seed in args.seeds}
             if not all((root / "models" / "model.pt").is_file() for root in roots.values()):

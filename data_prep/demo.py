@@ -9,7 +9,7 @@ step ``<out>/steps.json`` records its command, outputs, log and time; the last s
 The steps: simulate a healthy cohort and a small AD cohort; train TGB-GAN on the healthy training split,
 synthesise age-balanced volumes and map age-related regions (scored against the simulator's ground
 truth); train and evaluate the slice network on real data only and on real + synthetic; train and evaluate
-the AD-detection variant, started from the real-only brain-age model; preprocess the real IXI sample scans
+the AD-detection variant; preprocess the real IXI sample scans
 and predict their brain age; write the report.
 """
 from __future__ import annotations
@@ -225,8 +225,7 @@ def demo_steps(out: Path, settings: DemoSettings, ixi_datalist: Path | None) -> 
         *slice_steps("real", at.slice_real, {"dataset_dir": at.cohort}),
         *slice_steps("synthetic", at.slice_synthetic, synthetic),
         Step("train_ad",
-             bundle_run(ad_train_configs, bundle_root=at.slice_ad, dataset_dir=at.ad_cohort, **ad_train,
-                        init_weights=at.slice_real / "models" / "model.pt"),
+             bundle_run(ad_train_configs, bundle_root=at.slice_ad, dataset_dir=at.ad_cohort, **ad_train),
              str(at.slice_ad / "models")),
         Step("evaluate_ad",
              bundle_run(ad_eval_configs, bundle_root=at.slice_ad, dataset_dir=at.ad_cohort, **ad_train),

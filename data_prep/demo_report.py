@@ -219,8 +219,7 @@ def ad_section(at: DemoLayout) -> list[tuple]:
     base = ad_baseline(splits["training"], splits["validation"], splits["test"])
     return [
         heading(2, "AD detection (simulated AD cohort, test split)"),
-        paragraph(f"The AD-detection variant (train_ad.json) of the slice network, started from the real-only "
-                  "brain-age model above (every layer but its output), on a separate simulated cohort, "
+        paragraph(f"The AD-detection variant (train_ad.json) of the slice network on a separate simulated cohort, "
                   f"aged 55 and older; test split: {m['n_positive']} AD, {m['n'] - m['n_positive']} CN. AUC with its "
                   "bootstrap 95 % interval; logistic regression on voxels fitted on the same training subjects."),
         table(["model", "AUC (95 % interval)", "accuracy", "balanced accuracy"],

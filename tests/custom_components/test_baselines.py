@@ -1,7 +1,7 @@
 import nibabel as nib
 import numpy as np
 
-from custom_components.baselines import ad_baseline, age_baselines
+from custom_components.baselines import ad_baseline, age_baselines, region_mean_auc
 
 
 def _records(folder, name, ages, offset=0.0, seed=0):
@@ -40,3 +40,23 @@ def test_logistic_baseline_detects_a_separable_label(tmp_path):
     assert detection["logistic_auc"] > 0.95
     assert detection["logistic_auc_ci95_low"] <= detection["logistic_auc"] <= detection["logistic_auc_ci95_high"]
     assert detection["n_test"] == 40
+
+
+def test_region_mean_scores_atrophy_only_where_it_acts(tmp_path):
+    rng = np.random.default_rng(0)
+    region = np.zeros((6, 6, 6), bool)
+    region[1:3, 1:3, 1:3] = True
+    records = []
+    for i in range(40):
+        image = 1.0 + rng.normal(0.0, 0.05, region.shape)
+        if i % 2:
+            image[region] -= 0.3  # "AD": the region darkens
+        path = tmp_path / f"s{i}.nii.gz"
+        nib.save(nib.Nifti1Image(image.astype(np.float32), np.eye(4)), path)
+        records.append({"image": str(path), "label": i % 2})
+    inside = region_mean_auc(records, region)
+    assert inside["auc"] > 0.99 and inside["auc_ci95_low"] <= inside["auc"] <= inside["auc_ci95_high"]
+    elsewhere = np.zeros_like(region)
+    elsewhere[4:, 4:, 4:] = True
+    # z-scoring lifts the rest of a darkened volume a little, so elsewhere reads as less atrophied
+    assert region_mean_auc(records, elsewhere)["auc"] < 0.5
