@@ -33,7 +33,6 @@ import argparse
 import itertools
 import json
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -48,7 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 from custom_components.baselines import ad_baseline, age_baselines, region_mean_auc
 from custom_components.options import as_bool
 from data_prep.datalist import read_datalist, write_datalist
-from data_prep.demo import bundle_run
+from data_prep.demo import bundle_run, children_cpu_seconds
 
 CONFIGS = REPO / "bundles" / "slice_cnn_brainage" / "configs"
 TRAIN, EVALUATE = CONFIGS / "train.json", CONFIGS / "evaluate.json"
@@ -75,17 +74,12 @@ def run(argv: list[str], log: Path) -> dict:
     """Run a command from the repository root, output to ``log``; return its wall and CPU (user + system,
     all cores) seconds. CPU time hardly depends on other load on the machine; wall time does."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    start, cpu_start = time.perf_counter(), _children_cpu_seconds()
+    start, cpu_start = time.perf_counter(), children_cpu_seconds()
     with open(log, "a") as handle:
         code = subprocess.run(argv, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT).returncode
     if code != 0:
         raise RuntimeError(f"command failed (exit {code}), see {log}: {' '.join(map(str, argv))}")
-    return {"seconds": time.perf_counter() - start, "cpu_seconds": _children_cpu_seconds() - cpu_start}
-
-
-def _children_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+    return {"seconds": time.perf_counter() - start, "cpu_seconds": children_cpu_seconds() - cpu_start}
 
 
 def cohort(out: Path, name: str, settings: dict) -> Path:

@@ -247,7 +247,7 @@ def demo_steps(out: Path, settings: DemoSettings, ixi_datalist: Path | None) -> 
     return [Step(f"{i:02d}_{step.name}", step.argv, step.outputs) for i, step in enumerate(steps, start=1)]
 
 
-def _children_cpu_seconds() -> float:
+def children_cpu_seconds() -> float:
     """User + system CPU time of the finished child processes (all cores): less sensitive to other load."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
@@ -310,14 +310,14 @@ def run_demo(out: str = "runs/demo", n_subjects: int = DemoSettings.n_subjects,
         print(f"\n[{number}/{len(steps)}] {step.name}", flush=True)
         record = {"name": step.name, "command": step.command, "outputs": step.outputs,
                   "log": str(at.logs / f"{step.name}.log")}
-        cpu_before = _children_cpu_seconds()
+        cpu_before = children_cpu_seconds()
         try:
             record["seconds"] = round(run_step(step, at.logs), 1)
         except StepFailed as err:
             write_steps_record(at.steps_file, records + [{**record, "failed": True}])
             print(f"\ndemo stopped: {err}", file=sys.stderr)
             sys.exit(1)
-        record["cpu_seconds"] = round(_children_cpu_seconds() - cpu_before, 1)
+        record["cpu_seconds"] = round(children_cpu_seconds() - cpu_before, 1)
         records.append(record)
         write_steps_record(at.steps_file, records)
     total = time.perf_counter() - started
