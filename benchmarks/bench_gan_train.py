@@ -1,8 +1,9 @@
 """TGB-GAN training throughput on this machine: one critic step (with gradient penalty) and one
 generator + task-branch step per iteration, as custom_components.engines.TaskGuidedGANTrainer does.
 
-Variants are timed in one process, round-robin, median of ``--repeats``; "eager_fp32" (the trainer's path
-on CPU; on CUDA it adds AMP) is the baseline. The gradient penalty differentiates through the critic
+Variants are timed in one process, round-robin, median of ``--repeats``; "eager_fp32" is the baseline.
+"bf16_autocast" is the trainer's ``cpu_bf16`` path (gradient penalty included, in bfloat16); the bundle
+switches it on where the CPU has bf16 units, and the script prints whether this one has. The gradient penalty differentiates through the critic
 twice, which torch.compile does not support, so "compile" compiles the generator and the branch only.
 Peak memory is the highest resident set size seen during the variant's steps.
 
@@ -21,13 +22,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PeakRSS, interleaved_medians, seconds  # noqa: E402
 
+from custom_components.hardware import cpu_has_fast_bf16  # noqa: E402
 from custom_components.losses import TaskGuidedGANLoss  # noqa: E402
+from custom_components.networks.age_cnn3d import AgeCNN3d  # noqa: E402
 from custom_components.networks.tgb_gan import ResidualAgeRegressor, TGBGenerator, WGANCritic  # noqa: E402
 
+# the paper's three networks; the bundle's defaults (bundles/tgb_gan_augment/configs/train.json) with the
+# default branch, AgeCNN3d
 PAPER = {"encoder": (64, 128, 256, 512, 512), "decoder": (256, 256, 128, 64, 32), "critic": (64, 128, 256, 512),
          "branch": (16, 32, 64, 128, 256), "hidden": (2048, 512, 64)}
 DEMO = {"encoder": (16, 32, 64, 64), "decoder": (64, 32, 16, 8), "critic": (16, 32, 64, 64),
-        "branch": (8, 16, 32, 64), "hidden": (256, 64)}  # bundles/tgb_gan_augment/configs/train.json
+        "branch": (16, 32, 64, 128), "hidden": None}
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,7 @@ VARIANTS = {
     "channels_last": Variant(channels_last=True),
     "compile": Variant(compile=True),
     "bf16_autocast": Variant(autocast=torch.bfloat16),
+    "bf16_channels_last": Variant(channels_last=True, autocast=torch.bfloat16),
 }
 BASELINE = "eager_fp32"
 
@@ -53,7 +59,8 @@ class Runner:
         self.variant = variant
         self.generator = TGBGenerator(1, widths["encoder"], widths["decoder"])
         self.critic = WGANCritic(1, widths["critic"])
-        self.branch = ResidualAgeRegressor(1, widths["branch"], widths["hidden"], 0.1, (size,) * 3, 50.0, 18.0)
+        self.branch = (AgeCNN3d(1, widths["branch"], init_bias=50.0, output_scale=18.0) if widths["hidden"] is None
+                       else ResidualAgeRegressor(1, widths["branch"], widths["hidden"], 0.1, (size,) * 3, 50.0, 18.0))
         self.nets = (self.generator, self.critic, self.branch)
         if state is not None:
             for net, weights in zip(self.nets, state):
@@ -65,7 +72,7 @@ class Runner:
         self.b_forward = torch.compile(self.branch) if variant.compile else self.branch
         self.g_opt = torch.optim.Adam([*self.generator.parameters(), *self.branch.parameters()], lr=1e-4)
         self.d_opt = torch.optim.Adam(self.critic.parameters(), lr=1e-4)
-        self.loss = TaskGuidedGANLoss()
+        self.loss = TaskGuidedGANLoss(age_weight=1.0, age_scale=18.0)
         self.peak_rss = 0
 
     def state(self) -> tuple[dict, ...]:
@@ -110,7 +117,7 @@ def main() -> None:
     start = runners[BASELINE].state()
     runners.update({name: Runner(VARIANTS[name], widths, args.size, start) for name in names[1:]})
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}; {'demo' if args.demo_widths else 'paper'} widths, "
+          f"{torch.backends.cpu.get_cpu_capability()}, bf16 units: {cpu_has_fast_bf16()}; {'demo' if args.demo_widths else 'paper'} widths, "
           f"batch {args.batch}, {args.size}^3, median of {args.repeats} interleaved repeats", flush=True)
     first = {name: seconds(lambda r=runner: r.train_step(real, age)) for name, runner in runners.items()}
     for name, value in first.items():
@@ -122,7 +129,8 @@ def main() -> None:
     for name in names:
         print(("{:<16}{:>12.2f}{:>12.3f}{:>12.2f}{:>12.2f}").format(
             name, step[name], args.batch / step[name], step[BASELINE] / step[name], runners[name].peak_rss / 1e9))
-    print(f"x eager: speed-up over {BASELINE} in this process; the trainer's CPU path is {BASELINE}")
+    print(f"x eager: speed-up over {BASELINE} in this process; the trainer's CPU path is bf16_autocast where "
+          f"the CPU has bf16 units, {BASELINE} elsewhere")
 
 
 if __name__ == "__main__":

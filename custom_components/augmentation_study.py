@@ -10,6 +10,7 @@ interrupted study resumes where it stopped.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -41,11 +42,12 @@ class AugmentationStudy:
     Args:
         dataset_dir, datalist_file: the real cohort (training split = the small real training set).
         output_dir: where every run's folder and the report (``results.csv``, ``results.md``,
-            ``results.png``, ``synthetic_qc.csv``) go.
+            ``results.png``, ``paired_tests.csv``, ``gan_checks.csv``) go.
         gan_config_dir, downstream_config_dir: the two bundles' ``configs`` folders.
         gan_variants: name -> age-loss weight (0 = the ablation without the task branch).
         gan_overrides: overrides for every GAN training run (epochs, widths, batch size).
-        synthesis_overrides: overrides for every synthesis run (target per bin, max synthetic count).
+        generator_overrides: overrides for every run that loads a trained generator (image size, widths).
+        synthesis_overrides: further overrides for every synthesis run (target per bin, max synthetic count).
         downstream_models: name -> ``{"config_files": [...], "overrides": {...}}``: config files layered
             over the slice bundle's train.json (e.g. one that swaps ``network_def``) and overrides.
         downstream_overrides: overrides for every downstream run (epochs, learning rate).
@@ -53,6 +55,10 @@ class AugmentationStudy:
         n_train_real: size of the small real training set, drawn from the datalist's training split with
             ``gan_seed`` (None: all of it); the other splits are kept whole.
         qc_pairs: random image pairs for the MS-SSIM diversity measure.
+        check_model: the downstream model (a 3D regressor trained on real images) whose first seed's
+            weights start the task branch and whose second seed's judge every GAN (``gan_checks``).
+        pretrain_branch: start the task branch from the real-only ``check_model`` of the first seed (else
+            from scratch, as in the paper).
 
     Overrides are nested dicts, ``{"train": {"trainer": {"max_epochs": 5}}}``, applied leaf by leaf
     (``train#trainer#max_epochs``) so the rest of each section stays.
@@ -60,9 +66,10 @@ class AugmentationStudy:
 
     def __init__(self, dataset_dir: str, datalist_file: str, output_dir: str, gan_config_dir: str,
                  downstream_config_dir: str, gan_variants: Mapping[str, float], gan_overrides: Mapping,
-                 synthesis_overrides: Mapping, downstream_models: Mapping[str, Mapping],
+                 generator_overrides: Mapping, synthesis_overrides: Mapping, downstream_models: Mapping[str, Mapping],
                  downstream_overrides: Mapping, seeds: Sequence[int] = (0, 1, 2), gan_seed: int = 0,
-                 n_train_real: int | None = None, qc_pairs: int = 20) -> None:
+                 n_train_real: int | None = None, qc_pairs: int = 20, check_model: str = "regressor3d",
+                 pretrain_branch: bool = True) -> None:
         if len(seeds) < 2:
             raise ValueError(f"a comparison over seeds needs at least 2 seeds, got {list(seeds)}")
         self.dataset_dir = os.path.abspath(dataset_dir)
@@ -72,6 +79,7 @@ class AugmentationStudy:
         self.downstream_configs = Path(downstream_config_dir).resolve()
         self.gan_variants = dict(gan_variants)
         self.gan_overrides = flatten_overrides(gan_overrides)
+        self.generator_overrides = flatten_overrides(generator_overrides)
         self.synthesis_overrides = flatten_overrides(synthesis_overrides)
         self.downstream_files = {name: [Path(f).resolve() for f in spec.get("config_files", [])]
                                  for name, spec in downstream_models.items()}
@@ -81,6 +89,10 @@ class AugmentationStudy:
         self.seeds = [int(s) for s in seeds]
         self.gan_seed = int(gan_seed)
         self.qc_pairs = int(qc_pairs)
+        if check_model not in self.downstream_models:
+            raise ValueError(f"check_model {check_model!r} is not one of the downstream models {list(self.downstream_models)}")
+        self.check_model = check_model
+        self.pretrain_branch = bool(pretrain_branch)
         self.timings: dict[str, float] = {}
 
     def _real_datalist(self, datalist_file: Path, n_train_real: int | None, seed: int) -> Path:
@@ -112,21 +124,38 @@ class AugmentationStudy:
             raise RuntimeError(f"study step {step} finished without writing {done}")
 
     def gan_datalist(self, variant: str) -> Path:
-        """Train one GAN variant, synthesise with it, and return its merged real + synthetic datalist."""
-        root = self.output_dir / "gan" / variant
+        """Train one GAN variant, synthesise with it (region maps included), and return its merged real +
+        synthetic datalist. A variant with an age term starts its branch from ``branch_init`` when given."""
+        root = self.gan_root(variant)
         common = {"bundle_root": str(root), "dataset_dir": self.dataset_dir, "datalist_file": self.datalist_file,
                   "seed": self.gan_seed}
+        weight = self.gan_variants[variant]
+        branch = {"branch_init_weights": str(self.branch_init)} if weight > 0 and self.branch_init else {}
         self._run(f"train GAN {variant}", root / "models" / "checkpoint_last.pt", [self.gan_configs / "train.json"],
-                  **common, **{"loss#age_weight": self.gan_variants[variant]}, **self.gan_overrides)
+                  **common, **{"loss#age_weight": weight}, **branch, **self.gan_overrides)
         merged = root / "eval" / "synthetic" / "datalist.json"
         self._run(f"synthesise {variant}", merged,
                   [self.gan_configs / "inference.json", self.gan_configs / "generate.json"],
-                  **common, **{"region_maps#_disabled_": True}, **self.synthesis_overrides)
+                  **common, **self.generator_overrides, **self.synthesis_overrides)
         return merged
+
+    def gan_root(self, variant: str) -> Path:
+        return self.output_dir / "gan" / variant
+
+    @property
+    def branch_init(self) -> Path | None:
+        """The real-only ``check_model`` of the first seed (its ``model.pt``), the task branch's starting
+        point; None when ``pretrain_branch`` is off."""
+        if not self.pretrain_branch:
+            return None
+        return self.downstream_root(self.check_model, REAL, self.seeds[0]) / "models" / "model.pt"
+
+    def downstream_root(self, model: str, condition: str, seed: int) -> Path:
+        return self.output_dir / "downstream" / model / condition / f"seed{seed}"
 
     def downstream(self, model: str, condition: str, datalist: Path, seed: int) -> Path:
         """Train and test one downstream model; return its folder (``eval/test_predictions.csv``)."""
-        root = self.output_dir / "downstream" / model / condition / f"seed{seed}"
+        root = self.downstream_root(model, condition, seed)
         common = {"bundle_root": str(root), "dataset_dir": self.dataset_dir, "datalist_file": str(datalist),
                   "seed": seed, **self.downstream_models[model]}
         self._run(f"train {model} on {condition} (seed {seed})", root / "models" / "checkpoint_last.pt",
@@ -139,50 +168,82 @@ class AugmentationStudy:
         return [self.downstream_configs / "train.json", *self.downstream_files[model],
                 *(self.downstream_configs / name for name in extra)]
 
-    def synthetic_qc(self, model: str, variant: str, datalist: Path, independent: Path) -> dict:
-        """MAE of the real-only model on a variant's synthetic volumes vs their assigned ages, and
-        diversity: mean pairwise MS-SSIM among synthetic and among real training volumes."""
+    def _score(self, model: str, judge: Path, name: str, real: list[dict], records: list[dict]) -> Path:
+        """Predictions of the trained model in ``judge`` on ``records`` (split ``name``); the real training
+        split rides along because train.json sizes the network's output from it."""
+        datalist = write_datalist(self.output_dir / "qc" / f"{name}.json", {"training": real, name: records})
+        out = self.output_dir / "qc" / f"{model}_{name}"
+        self._run(f"QC {model} on {name}", out / f"{name}_predictions.csv",
+                  self._downstream_configs(model, "evaluate.json"), **self.downstream_models[model],
+                  bundle_root=str(judge), output_dir=str(out), dataset_dir=self.dataset_dir,
+                  datalist_file=str(datalist), eval_split=name)
+        return out / f"{name}_predictions.csv"
+
+    def reconstructed_test_set(self, variant: str) -> list[dict]:
+        """The test split through the variant's generator, G(x_test), with the real subjects' ages."""
+        root = self.gan_root(variant)
+        test = read_datalist(self.datalist_file)["test"]
+        folder = root / "eval" / "reconstructions"
+        recons = [folder / (Path(r["image"]).name.split(".nii")[0] + "_recon.nii.gz") for r in test]
+        self._run(f"reconstruct test set with {variant}", recons[-1], [self.gan_configs / "inference.json"],
+                  bundle_root=str(root), dataset_dir=self.dataset_dir, datalist_file=self.datalist_file,
+                  **self.generator_overrides)
+        return [{**r, "image": str(path)} for r, path in zip(test, recons)]
+
+    def gan_checks(self, variant: str, datalist: Path) -> dict:
+        """Does the generator keep age? Scored by a real-only 3D regressor that neither GAN saw (the second
+        seed's): its MAE on G(x_test) against on x_test (age retention), its MAE on the synthetic volumes
+        against their assigned ages (realism); diversity as mean pairwise MS-SSIM of synthetic against real
+        training volumes; the region maps' AUCs against the simulator's ground truth."""
+        model = self.check_model
+        judge = self.downstream_root(model, REAL, self.seeds[1])
+        real_mae = float(np.mean(list(_test_errors(judge / "eval" / "test_predictions.csv").values())))
         records = read_datalist(datalist)["training"]
         synthetic = [r for r in records if r.get("synthetic")]
         real = [r for r in records if not r.get("synthetic")]
-        # the training split is there because train.json sizes the network's output from it
-        qc_list = write_datalist(self.output_dir / "qc" / f"{variant}_synthetic.json",
-                                 {"training": real, "synthetic": synthetic})
-        out = self.output_dir / "qc" / f"{model}_on_{variant}"
-        self._run(f"QC {model} on {variant} synthetic", out / "synthetic_predictions.csv",
-                  self._downstream_configs(model, "evaluate.json"), **self.downstream_models[model],
-                  bundle_root=str(independent), output_dir=str(out), dataset_dir=self.dataset_dir,
-                  datalist_file=str(qc_list), eval_split="synthetic")
-        errors = list(_test_errors(out / "synthetic_predictions.csv").values())
+        recon_mae = np.mean(list(_test_errors(self._score(model, judge, f"{variant}_reconstructed_test", real,
+                                                          self.reconstructed_test_set(variant))).values()))
+        syn_mae = np.mean(list(_test_errors(self._score(model, judge, f"{variant}_synthetic", real,
+                                                        synthetic)).values())) if synthetic else float("nan")
+        maps = json.loads((self.gan_root(variant) / "eval" / "region_maps" / "region_maps.json").read_text())
         rng = np.random.default_rng(self.gan_seed)
         return {"variant": variant, "n_synthetic": len(synthetic), "regressor": model,
-                "regressor_mae_on_synthetic": float(np.mean(errors)),
+                "mae_real_test": real_mae, "mae_reconstructed_test": float(recon_mae),
+                "retention_ratio": float(recon_mae / real_mae), "mae_synthetic": float(syn_mae),
+                "realism_ratio": float(syn_mae / real_mae),
                 "ms_ssim_synthetic": mean_pairwise_ms_ssim([r["image"] for r in synthetic], self.qc_pairs, rng),
-                "ms_ssim_real": mean_pairwise_ms_ssim([r["image"] for r in real], self.qc_pairs, rng)}
+                "ms_ssim_real": mean_pairwise_ms_ssim([r["image"] for r in real], self.qc_pairs, rng),
+                **{key: maps.get(key) for key in ("auc_group_means", "auc_traversal", "auc_real_group_means")}}
 
     # -- the study ----------------------------------------------------------------------------------
     def run(self) -> Path:
-        """Run (or resume) every step and write the report; return the markdown report's path."""
-        conditions = {REAL: Path(self.datalist_file)}
-        conditions.update({variant: self.gan_datalist(variant) for variant in self.gan_variants})
+        """Run (or resume) every step and write the report; return the markdown report's path.
+
+        Real-only models come first: the first seed's 3D regressor is the task branch's starting point and
+        the second seed's judges every GAN."""
         errors = {}  # (model, condition, seed) -> {subject: absolute error}
-        for model in self.downstream_models:
-            for condition, datalist in conditions.items():
+
+        def train_and_test(condition: str, datalist: Path) -> None:
+            for model in self.downstream_models:
                 for seed in self.seeds:
                     folder = self.downstream(model, condition, datalist, seed)
                     errors[model, condition, seed] = _test_errors(folder / "eval" / "test_predictions.csv")
-        qc_model = next(iter(self.downstream_models))
-        independent = self.output_dir / "downstream" / qc_model / REAL / f"seed{self.seeds[0]}"
-        qc = [self.synthetic_qc(qc_model, v, conditions[v], independent) for v in self.gan_variants]
-        n_train = {c: len(read_datalist(d)["training"]) for c, d in conditions.items()}
-        return self.write_report(n_train, errors, qc)
 
-    def write_report(self, n_train: dict[str, int], errors: dict, qc: list[dict]) -> Path:
+        conditions = {REAL: Path(self.datalist_file)}
+        train_and_test(REAL, conditions[REAL])
+        for variant in self.gan_variants:
+            conditions[variant] = self.gan_datalist(variant)
+            train_and_test(variant, conditions[variant])
+        checks = [self.gan_checks(v, conditions[v]) for v in self.gan_variants]
+        n_train = {c: len(read_datalist(d)["training"]) for c, d in conditions.items()}
+        return self.write_report(n_train, errors, checks)
+
+    def write_report(self, n_train: dict[str, int], errors: dict, checks: list[dict]) -> Path:
         rows, tests = summarise(errors, list(self.downstream_models), n_train, self.seeds)
         out = self.output_dir
         write_csv(out / "results.csv", rows)
         write_csv(out / "paired_tests.csv", tests)
-        write_csv(out / "synthetic_qc.csv", qc)
+        write_csv(out / "gan_checks.csv", checks)
         plot_condition_bars(rows, out / "results.png")
         lines = ["# TGB-GAN augmentation study", "",
                  f"Real cohort: `{self.datalist_file}`; seeds {self.seeds}; test MAE in years (mean ± SD over seeds).",
@@ -194,12 +255,19 @@ class AugmentationStudy:
                   "| model | A | B | MAE A − B | Wilcoxon p | t-test p |", "|---|---|---|---|---|---|"]
         lines += [f"| {t['model']} | {t['a']} | {t['b']} | {t['mae_difference']:+.2f} | {t['wilcoxon_p']:.3g} | "
                   f"{t['paired_t_p']:.3g} |" for t in tests]
-        lines += ["", "Synthetic-data QC: the real-only model (first seed) on the synthetic volumes vs their assigned "
-                  "ages; diversity as mean pairwise MS-SSIM (lower = more diverse).", "",
-                  "| GAN | n synthetic | regressor | MAE on synthetic | MS-SSIM synthetic | MS-SSIM real |",
-                  "|---|---|---|---|---|---|"]
-        lines += [f"| {q['variant']} | {q['n_synthetic']} | {q['regressor']} | {q['regressor_mae_on_synthetic']:.2f} | "
-                  f"{q['ms_ssim_synthetic']:.3f} | {q['ms_ssim_real']:.3f} |" for q in qc]
+        lines += ["", f"Does each generator keep age? Judged by the real-only {self.check_model} of seed "
+                  f"{self.seeds[1]} (neither GAN saw it): its test MAE on real test volumes x, on their "
+                  "reconstructions G(x) (retention, target <= 1.15x) and on the synthetic volumes against their "
+                  "assigned ages (realism, target <= 1.3x); diversity as mean pairwise MS-SSIM (lower = more "
+                  "diverse); ROC AUC of the age-region maps against the simulator's ground truth, beside the "
+                  "real-image group-mean map computed in the same run.", "",
+                  "| GAN | n synthetic | MAE x | MAE G(x) | retention | MAE synthetic | realism | MS-SSIM syn / real "
+                  "| AUC group means | AUC traversal | AUC real-image baseline |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {c['variant']} | {c['n_synthetic']} | {c['mae_real_test']:.2f} | {c['mae_reconstructed_test']:.2f} "
+                  f"| {c['retention_ratio']:.2f}x | {c['mae_synthetic']:.2f} | {c['realism_ratio']:.2f}x | "
+                  f"{c['ms_ssim_synthetic']:.3f} / {c['ms_ssim_real']:.3f} | {_f3(c['auc_group_means'])} | "
+                  f"{_f3(c['auc_traversal'])} | {_f3(c['auc_real_group_means'])} |" for c in checks]
         if self.timings:
             lines += ["", "Step times this run (s): " + ", ".join(f"{k} {v:.0f}" for k, v in self.timings.items())]
         lines += ["", "![test MAE by training data](results.png)", ""]
@@ -208,6 +276,10 @@ class AugmentationStudy:
             Path(tmp).write_text("\n".join(lines))
         print(f"[study] report: {report}")
         return report
+
+
+def _f3(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def flatten_overrides(overrides: Mapping, prefix: str = "") -> dict:

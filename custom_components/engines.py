@@ -64,9 +64,12 @@ class TaskGuidedGANTrainer(Trainer):
     ``EXCEPTION_RAISED``, where ``CheckpointSaver(save_final=True)`` saves the weights of the last finite step
     (attach it before StatsHandler: StatsHandler re-raises and later exception handlers are skipped).
 
-    AMP: only on CUDA (autocast + one GradScaler per optimiser, ``g_scaler`` and ``d_scaler``; save them
-    with the checkpoint when resuming matters). On other devices ``amp=True`` is accepted with a warning
-    and training runs in float32. The gradient penalty always runs in float32.
+    AMP: on CUDA, ``amp`` runs autocast + one GradScaler per optimiser (``g_scaler`` and ``d_scaler``; save
+    them with the checkpoint when resuming matters). On a CPU, ``cpu_bf16`` runs bfloat16 autocast (no
+    scaler: bfloat16 has float32's range); worth it only on CPUs with bf16 units
+    (:func:`custom_components.hardware.cpu_has_fast_bf16`). ``amp=True`` off CUDA is accepted with a
+    warning. The gradient penalty stays in bfloat16 autocast and leaves float16 for float32
+    (:func:`custom_components.losses.gradient_penalty`).
 
     Random draws (gradient-penalty interpolation weights, regressor dropout) use torch's global RNG, which
     the bundle seeds (``monai.utils.set_determinism``).
@@ -91,6 +94,11 @@ class TaskGuidedGANTrainer(Trainer):
             reconstruction warm-up does not disturb the adversarial phase's Adam state); defaults to
             ``g_optimizer``.
         grad_clip_norm: when given, clip each optimiser's gradients to this total 2-norm before stepping.
+        lr_schedulers: learning-rate schedulers stepped once after every adversarial iteration (never during
+            the warm-up), so their iteration count starts where the adversarial phase starts. A scheduler
+            stepped per epoch by a handler would instead decay through the warm-up: with 400 warm-up
+            iterations of 13 per epoch, StepLR(10 epochs, x0.8) had both rates near 5e-5 before the critic
+            and the age term were ever trained.
         prepare_batch: returns ``(images, ages)``; defaults to :class:`~custom_components.data.PrepareImageTarget` with keys
             ``image`` and ``age``.
     """
@@ -110,6 +118,7 @@ class TaskGuidedGANTrainer(Trainer):
         warmup_iterations: int = 0,
         warmup_optimizer: Optimizer | None = None,
         grad_clip_norm: float | None = None,
+        lr_schedulers: Sequence | None = None,
         epoch_length: int | None = None,
         non_blocking: bool = False,
         prepare_batch: Callable | None = None,
@@ -120,6 +129,7 @@ class TaskGuidedGANTrainer(Trainer):
         metric_cmp_fn: Callable = default_metric_cmp_fn,
         train_handlers: Sequence | None = None,
         amp: bool = False,
+        cpu_bf16: bool = False,
         event_names: list | None = None,
         event_to_attr: dict | None = None,
         decollate: bool = False,
@@ -175,11 +185,15 @@ class TaskGuidedGANTrainer(Trainer):
                           "and the age term are never trained; lower warmup_iterations or train longer", stacklevel=2)
         self.warmup_optimizer = g_optimizer if warmup_optimizer is None else warmup_optimizer
         self.grad_clip_norm = grad_clip_norm
+        self.lr_schedulers = list(lr_schedulers or [])
         self.optim_set_to_none = optim_set_to_none
+        self.cpu_bf16 = bool(cpu_bf16) and device.type == "cpu"
         self.g_scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
         self.d_scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
     def _autocast(self):
+        if self.cpu_bf16:
+            return torch.autocast("cpu", dtype=torch.bfloat16)
         return torch.autocast(self.state.device.type, enabled=self.amp, **self.amp_kwargs)
 
     def _step(
@@ -233,6 +247,8 @@ class TaskGuidedGANTrainer(Trainer):
             g_total, g_terms = loss.generator_loss(fake_scores, fake, real, pred_age, age)
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         engine._step("generator", g_total, g_terms, engine.g_optimizer, engine.g_scaler)
+        for scheduler in engine.lr_schedulers:
+            scheduler.step()
         return engine._finish(real, fake, {**g_terms, **d_terms}, age, pred_age)
 
     def _finish(self, real: torch.Tensor, fake: torch.Tensor, terms: Mapping[str, torch.Tensor],

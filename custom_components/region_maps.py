@@ -7,6 +7,9 @@ Two maps of "what changes with age", both decoded images minus decoded images (o
 - traversal: the mean code moved along the latent age direction (``synthesis.fit_age_direction``) to the
   old and to the young group's mean age, decoded, subtracted.
 
+Beside them, the baseline any latent-space map has to beat: the mean of the old group's real (preprocessed)
+images minus that of the young group's, with no network at all.
+
 Scoring (the simulated cohort's ``derivatives/ground_truth/ageing_effect.nii.gz``): ROC AUC of ``|map|``
 for telling voxels whose true effect exceeds ``truth_threshold`` times its maximum from the others, over
 the brain (voxels of the decoded mean image above ``brain_threshold`` times its maximum).
@@ -26,6 +29,8 @@ from data_prep.volumes import atomic_path, save_nifti
 
 from .plots import map_overlay_figure, save_figure
 from .synthesis import LatentSet, fit_age_direction
+
+MAP_NAMES = ("group_means", "traversal", "real_group_means")
 
 
 def decode_codes(generator: nn.Module, codes: torch.Tensor, device: str | torch.device = "cpu") -> np.ndarray:
@@ -47,9 +52,19 @@ def age_groups(ages, group_quantile: float = 0.25) -> tuple[np.ndarray, np.ndarr
     return young, old
 
 
+def real_group_mean_map(records, transform: Callable, young: np.ndarray, old: np.ndarray) -> np.ndarray:
+    """Mean preprocessed real image of the old group minus that of the young group (first channel)."""
+    def group_mean(mask: np.ndarray) -> np.ndarray:
+        images = [np.asarray(torch.as_tensor(transform({"image": records[i]["image"]})["image"]))[0]
+                  for i in np.flatnonzero(mask)]
+        return np.mean(images, axis=0)
+    return group_mean(old) - group_mean(young)
+
+
 def region_maps(generator: nn.Module, latents: LatentSet, group_quantile: float = 0.25, ridge_alpha: float = 1.0,
-                device: str | torch.device = "cpu") -> dict:
-    """The group-means and traversal maps, the decoded mean image, and the group sizes and mean ages."""
+                device: str | torch.device = "cpu", transform: Callable | None = None) -> dict:
+    """The group-means and traversal maps, the decoded mean image, and the group sizes and mean ages; with
+    ``transform`` (the images' preprocessing) also the real-image group-mean map ``real_group_means``."""
     ages = np.asarray(latents.ages, dtype=np.float64)
     young, old = age_groups(ages, group_quantile)
     codes = latents.codes
@@ -61,9 +76,12 @@ def region_maps(generator: nn.Module, latents: LatentSet, group_quantile: float 
     stack = torch.stack([codes[young].mean(0), codes[old].mean(0), mean_code,
                          mean_code + (young_age - start) * step, mean_code + (old_age - start) * step])
     young_image, old_image, mean_image, young_traversed, old_traversed = decode_codes(generator, stack, device)
-    return {"group_means": old_image - young_image, "traversal": old_traversed - young_traversed,
+    maps = {"group_means": old_image - young_image, "traversal": old_traversed - young_traversed,
             "mean_image": mean_image, "n_young": int(young.sum()), "n_old": int(old.sum()),
             "young_age": young_age, "old_age": old_age}
+    if transform is not None:
+        maps["real_group_means"] = real_group_mean_map(latents.records, transform, young, old)
+    return maps
 
 
 def map_auc(effect_map, truth, truth_threshold: float = 0.1, mask=None) -> float:
@@ -82,19 +100,24 @@ def write_region_maps(generator: nn.Module, latents: LatentSet, output_dir: str,
                       ridge_alpha: float = 1.0, ground_truth: str | None = None, truth_transform: Callable | None = None,
                       truth_threshold: float = 0.1, brain_threshold: float = 0.05,
                       device: str | torch.device = "cpu") -> dict:
-    """Write both maps as NIfTI and overlay PNG under ``<output_dir>/region_maps/`` plus ``region_maps.json``.
+    """Write the maps as NIfTI and overlay PNG under ``<output_dir>/region_maps/`` plus ``region_maps.json``:
+    the two latent-space maps and, when ``truth_transform`` (the images' preprocessing) is given, the
+    real-image group-mean baseline.
 
-    When ``ground_truth`` names an existing file it is read with ``truth_transform`` (the images'
-    preprocessing, so that it lies on the maps' grid) and each map's AUC is reported; otherwise the AUCs
-    are null and the summary says why. Returns the summary.
+    When ``ground_truth`` names an existing file it is read with ``truth_transform`` (so that it lies on
+    the maps' grid) and each map's AUC is reported; otherwise the AUCs are null and the summary says why.
+    Returns the summary.
     """
     out = Path(output_dir) / "region_maps"
-    maps = region_maps(generator, latents, group_quantile, ridge_alpha, device)
+    maps = region_maps(generator, latents, group_quantile, ridge_alpha, device, truth_transform)
     summary = {key: maps[key] for key in ("n_young", "n_old", "young_age", "old_age")}
     summary.update(group_quantile=group_quantile, ridge_alpha=ridge_alpha, files={})
-    for name in ("group_means", "traversal"):
+    for name in MAP_NAMES:
+        if name not in maps:
+            continue
         nifti = save_nifti(maps[name], latents.affine, out / f"age_map_{name}.nii.gz")
-        title = f"{name.replace('_', ' ')}: decoded age {summary['old_age']:.0f} - {summary['young_age']:.0f} y"
+        source = "real images" if name == "real_group_means" else "decoded"
+        title = f"{name.replace('_', ' ')}: {source}, age {summary['old_age']:.0f} - {summary['young_age']:.0f} y"
         png = save_figure(map_overlay_figure(maps["mean_image"], maps[name], title), out / f"age_map_{name}.png")
         summary["files"][name] = [nifti.name, png.name]
     summary.update(_scores(maps, ground_truth, truth_transform, truth_threshold, brain_threshold))
@@ -105,8 +128,9 @@ def write_region_maps(generator: nn.Module, latents: LatentSet, output_dir: str,
 
 def _scores(maps: dict, ground_truth: str | None, truth_transform: Callable | None, truth_threshold: float,
             brain_threshold: float) -> dict:
+    names = [name for name in MAP_NAMES if name in maps]
     scores = {"ground_truth": ground_truth, "truth_threshold": truth_threshold, "brain_threshold": brain_threshold,
-              "auc_group_means": None, "auc_traversal": None}
+              **{f"auc_{name}": None for name in names}}
     if not ground_truth or not Path(ground_truth).is_file():
         scores["note"] = f"no ground-truth map at {ground_truth!r}: maps not scored"
         return scores
@@ -116,6 +140,6 @@ def _scores(maps: dict, ground_truth: str | None, truth_transform: Callable | No
     if truth.shape != maps["mean_image"].shape:
         raise ValueError(f"{ground_truth}: shape {truth.shape} after preprocessing, maps have {maps['mean_image'].shape}")
     brain = maps["mean_image"] > brain_threshold * maps["mean_image"].max()
-    for name in ("group_means", "traversal"):
+    for name in names:
         scores[f"auc_{name}"] = map_auc(maps[name], truth, truth_threshold, brain)
     return scores

@@ -250,7 +250,8 @@ def gan_section(at: DemoLayout) -> list[tuple]:
                   "exceeds the threshold (0.5 = chance, 1 = perfect)."),
         table(["map", "AUC against ground truth"],
               [["group means", _f(summary.get("auc_group_means"), 3)],
-               ["latent traversal", _f(summary.get("auc_traversal"), 3)]]),
+               ["latent traversal", _f(summary.get("auc_traversal"), 3)],
+               ["real-image group means (baseline, no network)", _f(summary.get("auc_real_group_means"), 3)]]),
         *[image(at.region_maps / files[1], f"age-region map, {name.replace('_', ' ')}")
           for name, files in summary["files"].items()],
     ]

@@ -7,7 +7,7 @@ import torch
 from ignite.engine import Events
 from monai.bundle import ConfigParser
 from monai.data import DataLoader, Dataset, MetaTensor
-from monai.handlers import CheckpointSaver, LrScheduleHandler, StatsHandler
+from monai.handlers import CheckpointSaver, StatsHandler
 
 from custom_components.data import PrepareImageTarget
 from custom_components.engines import TaskGuidedGANTrainer, TGBGANKeys
@@ -184,12 +184,16 @@ def test_gradient_clipping_bounds_each_update():
         assert 0 < update_norm(before, nets) <= clip * (1 + 1e-4)
 
 
-def test_step_lr_handler_decays_at_epoch_end():
-    trainer = make_trainer(max_epochs=2)
-    scheduler = torch.optim.lr_scheduler.StepLR(trainer.g_optimizer, step_size=1, gamma=0.8)
-    LrScheduleHandler(scheduler, print_lr=False).attach(trainer)
+def test_lr_schedulers_count_from_the_end_of_the_warm_up():
+    lrs = []
+    trainer = make_trainer(loader=make_loader(n=6, batch_size=2), max_epochs=2, warmup_iterations=4, warmup_lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.StepLR(trainer.g_optimizer, step_size=1, gamma=0.5)
+    trainer.lr_schedulers = [scheduler]
+    trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: lrs.append(e.g_optimizer.param_groups[0]["lr"]))
     trainer.run()
-    assert trainer.g_optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.8**2)
+    # iterations 1-4 warm up at the full rate untouched; 5 is the first adversarial one; then one step each
+    assert lrs == pytest.approx([1e-3] * 5 + [5e-4])
+    assert scheduler.last_epoch == 2
 
 
 class RecordingHandler(logging.Handler):
@@ -275,3 +279,14 @@ def test_prepare_batch_returns_plain_image_and_column_of_ages():
         prepare({"img": torch.zeros(2, 1, 2, 2, 2), "years": [1.0]})
     with pytest.raises(KeyError, match="no 'label' entry"):
         PrepareImageTarget("label")({"image": torch.zeros(1, 1, 2, 2, 2), "age": [50.0]})
+
+
+def test_cpu_bf16_autocast_trains_all_three_networks():
+    trainer = make_trainer(cpu_bf16=True)
+    nets = (trainer.generator, trainer.critic, trainer.regressor)
+    before = snapshot(*nets)
+    trainer.run()
+    assert trainer.cpu_bf16 and all(np.isfinite(v) for v in trainer.state.output[TGBGANKeys.LOSSES].values())
+    assert trainer.state.output[TGBGANKeys.RECONSTRUCTION].dtype == torch.bfloat16
+    for params, net in zip(before, nets):
+        assert all(changed(params, net)), type(net).__name__

@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from custom_components.losses import TaskGuidedGANLoss, gradient_penalty
+from custom_components.networks.tgb_gan import WGANCritic
 
 
 class LinearCritic(nn.Module):
@@ -88,6 +89,16 @@ def test_generator_loss_combines_weighted_terms():
     assert terms["g_loss"].item() == pytest.approx(total.item())
 
 
+def test_age_term_is_on_standardised_ages():
+    scores, real, fake = torch.zeros(2), torch.zeros(2, 1, 2, 2, 2), torch.zeros(2, 1, 2, 2, 2)
+    predicted, age = torch.tensor([[20.0], [30.0]]), torch.tensor([[30.0], [30.0]])
+    total, terms = TaskGuidedGANLoss(age_weight=2.0, age_scale=10.0).generator_loss(scores, fake, real, predicted, age)
+    assert terms["age_mse"].item() == pytest.approx(50.0)  # logged in years^2
+    assert total.item() == pytest.approx(2.0 * 50.0 / 100.0)
+    with pytest.raises(ValueError, match="age_scale"):
+        TaskGuidedGANLoss(age_scale=0.0)
+
+
 def test_ablation_removes_the_age_term():
     scores, real = torch.tensor([1.0, 2.0]), torch.zeros(2, 1, 2, 2, 2)
     fake = torch.ones(2, 1, 2, 2, 2, requires_grad=True)
@@ -112,3 +123,17 @@ def test_task_guided_loss_needs_ages_and_non_negative_weights():
         )
     with pytest.raises(ValueError, match="gp_weight"):
         TaskGuidedGANLoss(gp_weight=-1.0)
+
+
+def test_gradient_penalty_keeps_bf16_autocast_and_matches_float32():
+    torch.manual_seed(0)
+    critic = WGANCritic(channels=(4, 8))
+    real, fake = torch.rand(2, 1, 8, 8, 8), torch.rand(2, 1, 8, 8, 8)
+    exact = gradient_penalty(critic, real, fake, torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = gradient_penalty(critic, real, fake, torch.Generator().manual_seed(1))
+    assert mixed.dtype == torch.float32 and torch.isfinite(mixed)
+    assert mixed.item() == pytest.approx(exact.item(), rel=0.05)
+    assert mixed.item() != exact.item()  # computed in bfloat16, not silently in float32
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert gradient_penalty(critic, real, fake, torch.Generator().manual_seed(1)).item() == pytest.approx(exact.item(), rel=1e-5)

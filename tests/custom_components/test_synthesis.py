@@ -172,19 +172,23 @@ def test_map_auc_scores_a_planted_map():
 
 
 def test_region_maps_find_the_planted_ageing_region(tmp_path):
-    """Codes whose value grows with age in one 2^3 corner: both maps light up that corner's decoded voxels."""
+    """Codes whose value grows with age in one 2^3 corner: both latent maps light up that corner's decoded
+    voxels; real images that darken there with age make the real-image baseline find it too."""
     rng = np.random.default_rng(0)
     ages = np.linspace(20, 90, 24)
     codes = 0.5 + 0.02 * rng.normal(size=(24, 1, 4, 4, 4))
     codes[:, :, :2, :2, :2] -= (ages / 200)[:, None, None, None, None]
-    latents = LatentSet(torch.as_tensor(codes, dtype=torch.float32), ages, [{"image": "x"}] * 24, AFFINE)
     truth = np.zeros((SIZE,) * 3, dtype=np.float32)
     truth[:8, :8, :8] = 1.0
+    records = [{"image": str(save_nifti((0.5 - truth * age / 200 + 0.02 * rng.normal(size=truth.shape)).astype(np.float32),
+                                        AFFINE, tmp_path / "real" / f"s{i}.nii.gz"))} for i, age in enumerate(ages)]
+    latents = LatentSet(torch.as_tensor(codes, dtype=torch.float32), ages, records, AFFINE)
     truth_path = save_nifti(truth, AFFINE, tmp_path / "ageing_effect.nii.gz")
 
     summary = write_region_maps(LinearToyGenerator(), latents, str(tmp_path / "out"), ground_truth=str(truth_path),
                                 truth_transform=LOAD, ridge_alpha=0.1)
     assert summary["auc_group_means"] > 0.95 and summary["auc_traversal"] > 0.95
+    assert summary["auc_real_group_means"] > 0.95
     assert summary["old_age"] > summary["young_age"]
     maps = tmp_path / "out" / "region_maps"
     effect = nib.load(maps / "age_map_group_means.nii.gz")
