@@ -136,8 +136,14 @@ class AugmentationStudy:
         merged = root / "eval" / "synthetic" / "datalist.json"
         self._run(f"synthesise {variant}", merged,
                   [self.gan_configs / "inference.json", self.gan_configs / "generate.json"],
-                  **common, **self.generator_overrides, **self.synthesis_overrides)
+                  **common, **self._final_generator(variant), **self.synthesis_overrides)
         return merged
+
+    def _final_generator(self, variant: str) -> dict:
+        """Overrides that load the generator at the end of GAN training: ``model.pt`` holds the epoch with
+        the best reconstruction L1, which the adversarial and age terms trade away a little, so it would
+        often be the end of the L1-only warm-up, the same for both variants."""
+        return {**self.generator_overrides, "model_file": str(self.gan_root(variant) / "models" / "checkpoint_last.pt")}
 
     def gan_root(self, variant: str) -> Path:
         return self.output_dir / "gan" / variant
@@ -187,7 +193,7 @@ class AugmentationStudy:
         recons = [folder / (Path(r["image"]).name.split(".nii")[0] + "_recon.nii.gz") for r in test]
         self._run(f"reconstruct test set with {variant}", recons[-1], [self.gan_configs / "inference.json"],
                   bundle_root=str(root), dataset_dir=self.dataset_dir, datalist_file=self.datalist_file,
-                  **self.generator_overrides)
+                  **self._final_generator(variant))
         return [{**r, "image": str(path)} for r, path in zip(test, recons)]
 
     def gan_checks(self, variant: str, datalist: Path) -> dict:

@@ -34,14 +34,16 @@ class TGBGANKeys(StrEnum):
 
 
 @contextmanager
-def _parameters_frozen(module: nn.Module):
-    """Stop gradients flowing into ``module``'s parameters (they still flow through it to its input)."""
-    flags = [p.requires_grad for p in module.parameters()]
-    module.requires_grad_(False)
+def _parameters_frozen(*modules: nn.Module):
+    """Stop gradients flowing into the modules' parameters (they still flow through them to their input)."""
+    params = [p for module in modules for p in module.parameters()]
+    flags = [p.requires_grad for p in params]
+    for param in params:
+        param.requires_grad_(False)
     try:
         yield
     finally:
-        for param, flag in zip(module.parameters(), flags):
+        for param, flag in zip(params, flags):
             param.requires_grad_(flag)
 
 
@@ -94,6 +96,11 @@ class TaskGuidedGANTrainer(Trainer):
             reconstruction warm-up does not disturb the adversarial phase's Adam state); defaults to
             ``g_optimizer``.
         grad_clip_norm: when given, clip each optimiser's gradients to this total 2-norm before stepping.
+        train_regressor: False keeps the branch fixed: in eval mode (its saved batch-norm statistics) and
+            without gradients to its parameters, while the age term still trains the generator through it.
+            A branch trained on real images then acts as a fixed task loss that penalises reconstructions
+            losing what it reads age from; a branch trained with the generator (True, the paper's) can
+            instead adapt to whatever the generator outputs.
         lr_schedulers: learning-rate schedulers stepped once after every adversarial iteration (never during
             the warm-up), so their iteration count starts where the adversarial phase starts. A scheduler
             stepped per epoch by a handler would instead decay through the warm-up: with 400 warm-up
@@ -118,6 +125,7 @@ class TaskGuidedGANTrainer(Trainer):
         warmup_iterations: int = 0,
         warmup_optimizer: Optimizer | None = None,
         grad_clip_norm: float | None = None,
+        train_regressor: bool = True,
         lr_schedulers: Sequence | None = None,
         epoch_length: int | None = None,
         non_blocking: bool = False,
@@ -186,6 +194,7 @@ class TaskGuidedGANTrainer(Trainer):
         self.warmup_optimizer = g_optimizer if warmup_optimizer is None else warmup_optimizer
         self.grad_clip_norm = grad_clip_norm
         self.lr_schedulers = list(lr_schedulers or [])
+        self.train_regressor = bool(train_regressor)
         self.optim_set_to_none = optim_set_to_none
         self.cpu_bf16 = bool(cpu_bf16) and device.type == "cpu"
         self.g_scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
@@ -223,6 +232,8 @@ class TaskGuidedGANTrainer(Trainer):
         for net in (engine.generator, engine.critic, engine.regressor):
             if net is not None:
                 net.train()
+        if engine.regressor is not None and not engine.train_regressor:
+            engine.regressor.eval()
 
         with engine._autocast():
             fake = engine.generator(real)
@@ -241,7 +252,8 @@ class TaskGuidedGANTrainer(Trainer):
             engine._step("critic", d_total, d_terms, engine.d_optimizer, engine.d_scaler)
             engine.fire_event(IterationEvents.INNER_ITERATION_COMPLETED)
 
-        with engine._autocast(), _parameters_frozen(engine.critic):
+        frozen = [engine.critic] + ([engine.regressor] if loss.uses_age and not engine.train_regressor else [])
+        with engine._autocast(), _parameters_frozen(*frozen):
             fake_scores = engine.critic(fake)
             pred_age = engine.regressor(fake) if loss.uses_age else None
             g_total, g_terms = loss.generator_loss(fake_scores, fake, real, pred_age, age)

@@ -49,6 +49,11 @@ class AgeCNN3d(nn.Module):
     and SD of age). Any input size works; ``blocks_per_stage`` residual blocks per stage.
     ``channels_last`` runs the convolutions in the channels-last-3d memory layout (faster under bf16
     autocast on CPUs with bf16 units); the output is the same.
+
+    ``standardise_input`` z-scores every input volume over all its voxels first, so the network reads the
+    same image whatever its intensity scale: the slice bundle's NormalizeIntensity output and TGB-GAN's
+    [0, 1] images alike. Without it, a regressor trained on z-scored volumes scored 36 years MAE on the
+    same test volumes scaled to [0, 1], which made it useless as a task branch or judge of the generator.
     """
 
     def __init__(
@@ -60,6 +65,7 @@ class AgeCNN3d(nn.Module):
         init_bias: float = 0.0,
         output_scale: float = 1.0,
         channels_last: bool = False,
+        standardise_input: bool = True,
     ) -> None:
         super().__init__()
         channels = tuple(int(c) for c in channels)
@@ -71,6 +77,7 @@ class AgeCNN3d(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.in_channels = in_channels
         self.channels_last = bool(channels_last)
+        self.standardise_input = bool(standardise_input)
         layers: list[nn.Module] = [*_conv_bn(in_channels, channels[0], 3), nn.ReLU(inplace=True)]
         for c_in, c_out in zip(channels[:-1], channels[1:]):
             layers.append(ResidualBlock3d(c_in, c_out, stride=2))
@@ -85,6 +92,10 @@ class AgeCNN3d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 5 or x.shape[1] != self.in_channels:
             raise ValueError(f"AgeCNN3d expects (batch, {self.in_channels}, D, H, W) input, got shape {x.shape}")
+        if self.standardise_input:
+            flat = x.flatten(1).float()
+            mean, std = flat.mean(1), flat.std(1)
+            x = ((x - mean.view(-1, 1, 1, 1, 1)) / (std.view(-1, 1, 1, 1, 1) + 1e-6)).to(x.dtype)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
         return self.out(self.head(self.features(x)))

@@ -196,7 +196,8 @@ def test_augmentation_study_compares_three_training_sets_over_seeds_and_resumes(
             "gan_encoder_channels": [4, 8], "gan_decoder_channels": [8, 4],
             "gan_overrides#regressor_def": {"channels": [2, 4]},
             "downstream_models#regressor3d#overrides": {"network_def": {"channels": [2, 4]}},
-            "gan_overrides#batch_size": 4, "synthesis_overrides#synthesis#target_per_bin": 3}
+            "gan_overrides#batch_size": 4, "gan_warmup_iterations": 0,
+            "synthesis_overrides#synthesis#target_per_bin": 3}
     overrides = {"bundle_root": str(tmp_path), "dataset_dir": str(cohort), "config_dir": str(CONFIGS),
                  "downstream_config_dir": str(REPO / "bundles" / "slice_cnn_brainage" / "configs"), **tiny}
     run_workflow(["evaluate.json"], **overrides)

@@ -16,6 +16,16 @@ def test_output_shape_any_size_and_initial_mean():
     assert torch.allclose(net(torch.rand(2, 1, 16, 16, 16)), torch.full((2, 1), 50.0))
 
 
+def test_standardised_input_makes_the_output_independent_of_intensity_scale():
+    torch.manual_seed(0)
+    net = AgeCNN3d(channels=(4, 8)).eval()
+    x = torch.rand(2, 1, 16, 16, 16)
+    torch.testing.assert_close(net(3.0 * x + 7.0), net(x), rtol=1e-4, atol=1e-4)
+    raw = AgeCNN3d(channels=(4, 8), standardise_input=False).eval()
+    raw.load_state_dict(net.state_dict())
+    assert not torch.allclose(raw(3.0 * x + 7.0), raw(x), rtol=1e-3)
+
+
 def test_channels_last_gives_the_same_output():
     torch.manual_seed(0)
     plain = AgeCNN3d(channels=(4, 8)).eval()

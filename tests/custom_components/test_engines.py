@@ -290,3 +290,16 @@ def test_cpu_bf16_autocast_trains_all_three_networks():
     assert trainer.state.output[TGBGANKeys.RECONSTRUCTION].dtype == torch.bfloat16
     for params, net in zip(before, nets):
         assert all(changed(params, net)), type(net).__name__
+
+
+def test_fixed_branch_trains_the_generator_through_it_and_stays_as_it_was():
+    trainer = make_trainer(train_regressor=False)
+    trainer.regressor.eval()
+    before_branch, before_generator = snapshot(trainer.regressor), snapshot(trainer.generator)
+    buffers = [b.clone() for b in trainer.regressor.buffers()]
+    trainer.run()
+    assert not any(changed(before_branch[0], trainer.regressor))
+    assert all(torch.equal(a, b) for a, b in zip(buffers, trainer.regressor.buffers()))
+    assert not trainer.regressor.training
+    assert all(changed(before_generator[0], trainer.generator))
+    assert "age_mse" in trainer.state.output[TGBGANKeys.LOSSES]
