@@ -101,6 +101,9 @@ class TaskGuidedGANTrainer(Trainer):
             A branch trained on real images then acts as a fixed task loss that penalises reconstructions
             losing what it reads age from; a branch trained with the generator (True, the paper's) can
             instead adapt to whatever the generator outputs.
+        channels_last: put the three networks' weights and every batch in the channels-last-3d memory
+            layout: with bf16 autocast on a CPU with bf16 units this doubles the speed of bf16 alone
+            (``benchmarks/bench_gan_train.py``); the computed values are the same.
         lr_schedulers: learning-rate schedulers stepped once after every adversarial iteration (never during
             the warm-up), so their iteration count starts where the adversarial phase starts. A scheduler
             stepped per epoch by a handler would instead decay through the warm-up: with 400 warm-up
@@ -126,6 +129,7 @@ class TaskGuidedGANTrainer(Trainer):
         warmup_optimizer: Optimizer | None = None,
         grad_clip_norm: float | None = None,
         train_regressor: bool = True,
+        channels_last: bool = False,
         lr_schedulers: Sequence | None = None,
         epoch_length: int | None = None,
         non_blocking: bool = False,
@@ -195,6 +199,11 @@ class TaskGuidedGANTrainer(Trainer):
         self.grad_clip_norm = grad_clip_norm
         self.lr_schedulers = list(lr_schedulers or [])
         self.train_regressor = bool(train_regressor)
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            for net in (generator, critic, regressor):
+                if net is not None:
+                    net.to(memory_format=torch.channels_last_3d)
         self.optim_set_to_none = optim_set_to_none
         self.cpu_bf16 = bool(cpu_bf16) and device.type == "cpu"
         self.g_scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
@@ -228,6 +237,8 @@ class TaskGuidedGANTrainer(Trainer):
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
         real, age = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
+        if engine.channels_last:
+            real = real.contiguous(memory_format=torch.channels_last_3d)
         loss = engine.loss_function
         for net in (engine.generator, engine.critic, engine.regressor):
             if net is not None:

@@ -33,8 +33,8 @@ def gradient_penalty(
     norm), so the gradient of the summed scores gives every sample's own input gradient. The graph is kept
     (``create_graph=True``) so the penalty trains the critic. Under float16 autocast it is computed in
     float32 (second-order gradients overflow float16's range); bfloat16 autocast, which has float32's
-    range, is kept: the penalty's double backward is the larger part of a critic step, so leaving it in
-    float32 would forfeit most of the mixed-precision speed-up.
+    range, is kept: the penalty's double backward is a large part of a critic step, so leaving it in
+    float32 forfeits much of the mixed-precision speed-up.
     """
     if real.shape != fake.shape:
         raise ValueError(f"real and fake must have the same shape, got {tuple(real.shape)} and {tuple(fake.shape)}")

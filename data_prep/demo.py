@@ -41,8 +41,7 @@ GAN_CONFIGS = Path("bundles") / "tgb_gan_augment" / "configs"
 # same names are merged over them. *_network keys shape the network (every config that builds it gets
 # them); *_training keys exist in the training config only.
 GAN_NETWORK = {"network_def#encoder_channels": [8, 16, 32, 32], "network_def#decoder_channels": [32, 16, 8, 8]}
-GAN_TRAINING = {"critic_def#channels": [8, 16, 32, 32], "regressor_def#channels": [4, 8, 16, 32],
-                "regressor_def#hidden": [64, 32]}
+GAN_TRAINING = {"critic_def#channels": [8, 16, 32, 32], "regressor_def#channels": [8, 16, 32, 64]}
 SLICE_NETWORK: dict = {}  # the bundle's defaults
 SLICE_TRAINING: dict = {}
 AD_FRACTION = 0.5

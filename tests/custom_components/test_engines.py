@@ -281,13 +281,16 @@ def test_prepare_batch_returns_plain_image_and_column_of_ages():
         PrepareImageTarget("label")({"image": torch.zeros(1, 1, 2, 2, 2), "age": [50.0]})
 
 
-def test_cpu_bf16_autocast_trains_all_three_networks():
-    trainer = make_trainer(cpu_bf16=True)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cpu_bf16_autocast_trains_all_three_networks(channels_last):
+    trainer = make_trainer(cpu_bf16=True, channels_last=channels_last)
     nets = (trainer.generator, trainer.critic, trainer.regressor)
     before = snapshot(*nets)
     trainer.run()
     assert trainer.cpu_bf16 and all(np.isfinite(v) for v in trainer.state.output[TGBGANKeys.LOSSES].values())
     assert trainer.state.output[TGBGANKeys.RECONSTRUCTION].dtype == torch.bfloat16
+    weight = trainer.generator.encoder[1][0].weight
+    assert weight.is_contiguous(memory_format=torch.channels_last_3d) == channels_last
     for params, net in zip(before, nets):
         assert all(changed(params, net)), type(net).__name__
 

@@ -22,7 +22,7 @@ TOY = {
     "n_subjects": 24, "n_ad_subjects": 20, "resolution": TOY_RESOLUTION, "seed": 0, "gan_epochs": 1,
     "target_per_bin": 3, "slice_epochs": 1, "ad_epochs": 1,
     "gan_network": {"network_def#encoder_channels": [4, 8], "network_def#decoder_channels": [8, 4]},
-    "gan_training": {"critic_def#channels": [4, 8], "regressor_def#channels": [2, 4], "regressor_def#hidden": [8],
+    "gan_training": {"critic_def#channels": [4, 8], "regressor_def#channels": [2, 4],
                      "batch_size": 4, "n_grid_images": 2},
     "slice_network": {"network_def#sfcn_channels": [4, 8]},
 }
@@ -79,8 +79,9 @@ def test_toy_demo_report_holds_every_item_in_markdown_and_self_contained_html(to
         assert section in report, section
     assert "| slice network, real only |" in report and "| slice network, real + synthetic |" in report
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
-    # learning curve, 2 scatter + 2 gap plots, AD ROC and learning curve, GAN grid, 2 region maps
-    assert len(images) == 10
+    # learning curve, 2 scatter + 2 gap plots, AD ROC and learning curve, GAN grid, 2 region maps and the
+    # real-image group-mean baseline map
+    assert len(images) == 11
     assert all((toy_demo / image).is_file() for image in images)
     assert "figures/gan_real_reconstructed_synthetic.png" in images
     steps = json.loads(at.steps_file.read_text())["steps"]

@@ -16,7 +16,7 @@ AFFINE = np.diag([4.0, 4.0, 4.0, 1.0])
 # the override keys a user would pass on the command line, making each bundle tiny
 SLICE_TINY = {"image_size": [SIZE] * 3, "network_def#sfcn_channels": [4, 8], "min_free_mb": 1}
 GAN_TINY = {"image_size": [SIZE] * 3, "network_def#encoder_channels": [4, 8], "network_def#decoder_channels": [8, 4],
-            "critic_def#channels": [4, 8], "regressor_def#channels": [2, 4], "regressor_def#hidden": [8],
+            "critic_def#channels": [4, 8], "regressor_def#channels": [2, 4],
             "batch_size": 4, "n_grid_images": 2, "min_free_mb": 1, "warmup_iterations": 0}
 
 
