@@ -196,14 +196,15 @@ class AugmentationStudy:
                   **self._final_generator(variant))
         return [{**r, "image": str(path)} for r, path in zip(test, recons)]
 
-    def gan_checks(self, variant: str, datalist: Path) -> dict:
+    def gan_checks(self, variant: str, datalist: Path, judge_errors: dict[str, float]) -> dict:
         """Does the generator keep age? Scored by a real-only 3D regressor that neither GAN saw (the second
         seed's): its MAE on G(x_test) against on x_test (age retention), its MAE on the synthetic volumes
         against their assigned ages (realism); diversity as mean pairwise MS-SSIM of synthetic against real
-        training volumes; the region maps' AUCs against the simulator's ground truth."""
+        training volumes; the region maps' AUCs against the simulator's ground truth. ``judge_errors``: the
+        judge's absolute test errors on real volumes, per subject."""
         model = self.check_model
         judge = self.downstream_root(model, REAL, self.seeds[1])
-        real_mae = float(np.mean(list(_test_errors(judge / "eval" / "test_predictions.csv").values())))
+        real_mae = float(np.mean(list(judge_errors.values())))
         records = read_datalist(datalist)["training"]
         synthetic = [r for r in records if r.get("synthetic")]
         real = [r for r in records if not r.get("synthetic")]
@@ -240,7 +241,8 @@ class AugmentationStudy:
         for variant in self.gan_variants:
             conditions[variant] = self.gan_datalist(variant)
             train_and_test(variant, conditions[variant])
-        checks = [self.gan_checks(v, conditions[v]) for v in self.gan_variants]
+        judge_errors = errors[self.check_model, REAL, self.seeds[1]]
+        checks = [self.gan_checks(v, conditions[v], judge_errors) for v in self.gan_variants]
         n_train = {c: len(read_datalist(d)["training"]) for c, d in conditions.items()}
         return self.write_report(n_train, errors, checks)
 

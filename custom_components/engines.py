@@ -102,13 +102,12 @@ class TaskGuidedGANTrainer(Trainer):
             losing what it reads age from; a branch trained with the generator (True, the paper's) can
             instead adapt to whatever the generator outputs.
         channels_last: put the three networks' weights and every batch in the channels-last-3d memory
-            layout: with bf16 autocast on a CPU with bf16 units this doubles the speed of bf16 alone
-            (``benchmarks/bench_gan_train.py``); the computed values are the same.
+            layout, which pays with bf16 autocast on a CPU with bf16 units (``benchmarks/bench_gan_train.py``);
+            the computed values are the same.
         lr_schedulers: learning-rate schedulers stepped once after every adversarial iteration (never during
             the warm-up), so their iteration count starts where the adversarial phase starts. A scheduler
-            stepped per epoch by a handler would instead decay through the warm-up: with 400 warm-up
-            iterations of 13 per epoch, StepLR(10 epochs, x0.8) had both rates near 5e-5 before the critic
-            and the age term were ever trained.
+            stepped per epoch by a handler would instead decay the rates through the warm-up, before the
+            critic and the age term are ever trained.
         prepare_batch: returns ``(images, ages)``; defaults to :class:`~custom_components.data.PrepareImageTarget` with keys
             ``image`` and ``age``.
     """

@@ -4,9 +4,8 @@ critic:    mean D(fake) - mean D(real) + gp_weight * GP
 generator: adversarial_weight * (-mean D(fake)) + l1_weight * L1(fake, real) + age_weight * MSE(R(fake), age) / age_scale^2
 
 The age term is on standardised ages (``age_scale`` = the training SD of age): an error of one SD costs
-``age_weight`` whatever the cohort's age range. Unscaled, the paper's 0.1 x MSE in years^2 was 16-42 on a
-cohort aged 20-90 against 10 x L1 of about 0.25, so the age term swamped reconstruction; the paper's
-subjects were all under 30, with a far smaller age variance.
+``age_weight`` whatever the cohort's age range. Unscaled, MSE in years^2 grows with the age variance, so
+on a cohort aged 20-90 the paper's weight (tuned on subjects all under 30) swamps reconstruction.
 
 ``age_weight=0`` is the paper's "GAN without task branch" ablation: the age term is then not computed at
 all, so the caller need not run the regressor.

@@ -26,7 +26,7 @@ class ResidualBlock3d(nn.Module):
     """conv3-BN-ReLU-conv3-BN plus a shortcut (identity, or 1x1x1 conv + BN when shape changes), then ReLU.
 
     Every batch norm starts at unit scale: starting the residual path's last one at zero (each block its
-    shortcut at first, common in long ImageNet runs) held 100 subjects near the mean age for about 150 steps
+    shortcut at first, common in long ImageNet runs) kept small cohorts near the mean age for far longer
     (tgb_gan_augment docs, Performance).
     """
 
@@ -52,8 +52,8 @@ class AgeCNN3d(nn.Module):
 
     ``standardise_input`` z-scores every input volume over all its voxels first, so the network reads the
     same image whatever its intensity scale: the slice bundle's NormalizeIntensity output and TGB-GAN's
-    [0, 1] images alike. Without it, a regressor trained on z-scored volumes scored 36 years MAE on the
-    same test volumes scaled to [0, 1], which made it useless as a task branch or judge of the generator.
+    [0, 1] images alike (without it, a regressor trained on one scale is useless on the other: the
+    tgb_gan_augment docs, Performance).
     """
 
     def __init__(
