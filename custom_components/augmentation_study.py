@@ -23,6 +23,7 @@ from monai.metrics import MultiScaleSSIMMetric
 from scipy import stats
 
 from custom_components.handlers import write_csv
+from custom_components.options import as_bool
 from custom_components.plots import plot_condition_bars
 from data_prep.datalist import read_datalist, write_datalist
 from data_prep.volumes import atomic_path
@@ -92,7 +93,7 @@ class AugmentationStudy:
         if check_model not in self.downstream_models:
             raise ValueError(f"check_model {check_model!r} is not one of the downstream models {list(self.downstream_models)}")
         self.check_model = check_model
-        self.pretrain_branch = bool(pretrain_branch)
+        self.pretrain_branch = as_bool(pretrain_branch, "pretrain_branch")
         self.timings: dict[str, float] = {}
 
     def _real_datalist(self, datalist_file: Path, n_train_real: int | None, seed: int) -> Path:

@@ -15,21 +15,25 @@ from torch.optim import Optimizer
 
 from custom_components.data import PrepareImageTarget
 from custom_components.losses import TaskGuidedGANLoss
+from custom_components.options import as_bool
 
 
 class TGBGANKeys(StrEnum):
-    """Keys of :class:`TaskGuidedGANTrainer`'s iteration output (``engine.state.output``).
+    """Keys of :class:`TaskGuidedGANTrainer`'s iteration output.
 
-    ``LOSSES`` holds a dict of Python floats (``g_loss``, ``adv``, ``l1``, ``age_mse`` unless ablated,
-    ``d_loss``, ``wasserstein``, ``gp`` of the last critic update), ready for StatsHandler and
-    TensorBoardStatsHandler: ``"output_transform": "$lambda x: x['losses']"`` (the output is not decollated;
-    ``from_engine`` would wrap the dict in a tuple).
+    ``engine.state.output`` is a one-item list holding the batch's dict (images not split per sample): the
+    shape of MONAI's decollated output, so ``monai.handlers.from_engine(keys, first=True)`` reads it, as
+    MONAI's experiment tracking does (``--tracking mlflow`` logs ``from_engine(['loss'], first=True)``).
+    ``LOSS`` is the generator's total loss (a Python float); ``LOSSES`` a dict of Python floats (``g_loss``,
+    ``adv``, ``l1``, ``age_mse`` unless ablated, ``d_loss``, ``wasserstein``, ``gp`` of the last critic
+    update) for StatsHandler and TensorBoardStatsHandler: ``from_engine(['losses'], first=True)``.
     """
 
     IMAGE = "image"
     RECONSTRUCTION = "reconstruction"
     AGE = "age"
     PRED_AGE = "pred_age"
+    LOSS = "loss"
     LOSSES = "losses"
 
 
@@ -143,7 +147,6 @@ class TaskGuidedGANTrainer(Trainer):
         cpu_bf16: bool = False,
         event_names: list | None = None,
         event_to_attr: dict | None = None,
-        decollate: bool = False,
         optim_set_to_none: bool = False,
         to_kwargs: dict | None = None,
         amp_kwargs: dict | None = None,
@@ -157,7 +160,7 @@ class TaskGuidedGANTrainer(Trainer):
         if regressor is None and loss.uses_age:
             raise ValueError("a regressor is needed when loss.age_weight > 0 (set age_weight=0 for the ablation)")
         device = torch.device(device)
-        use_amp = bool(amp) and device.type == "cuda"
+        use_amp = as_bool(amp, "amp") and device.type == "cuda"
         if amp and not use_amp:
             warnings.warn(f"amp=True has no effect on device '{device}': training runs in float32", stacklevel=2)
         super().__init__(
@@ -176,7 +179,7 @@ class TaskGuidedGANTrainer(Trainer):
             amp=use_amp,
             event_names=event_names,
             event_to_attr=event_to_attr,
-            decollate=decollate,
+            decollate=False,  # the output is already one-item-list shaped (see TGBGANKeys)
             to_kwargs=to_kwargs,
             amp_kwargs=amp_kwargs,
         )
@@ -197,14 +200,14 @@ class TaskGuidedGANTrainer(Trainer):
         self.warmup_optimizer = g_optimizer if warmup_optimizer is None else warmup_optimizer
         self.grad_clip_norm = grad_clip_norm
         self.lr_schedulers = list(lr_schedulers or [])
-        self.train_regressor = bool(train_regressor)
-        self.channels_last = bool(channels_last)
+        self.train_regressor = as_bool(train_regressor, "train_regressor")
+        self.channels_last = as_bool(channels_last, "channels_last")
         if self.channels_last:
             for net in (generator, critic, regressor):
                 if net is not None:
                     net.to(memory_format=torch.channels_last_3d)
         self.optim_set_to_none = optim_set_to_none
-        self.cpu_bf16 = bool(cpu_bf16) and device.type == "cpu"
+        self.cpu_bf16 = as_bool(cpu_bf16, "cpu_bf16") and device.type == "cpu"
         self.g_scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
         self.d_scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
@@ -232,7 +235,7 @@ class TaskGuidedGANTrainer(Trainer):
         scaler.step(optimizer)
         scaler.update()
 
-    def _iteration(self, engine: TaskGuidedGANTrainer, batchdata: Mapping[str, Any]) -> dict[str, Any]:
+    def _iteration(self, engine: TaskGuidedGANTrainer, batchdata: Mapping[str, Any]) -> list[dict[str, Any]]:
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
         real, age = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
@@ -274,17 +277,18 @@ class TaskGuidedGANTrainer(Trainer):
         return engine._finish(real, fake, {**g_terms, **d_terms}, age, pred_age)
 
     def _finish(self, real: torch.Tensor, fake: torch.Tensor, terms: Mapping[str, torch.Tensor],
-                age: torch.Tensor | None = None, pred_age: torch.Tensor | None = None) -> dict[str, Any]:
+                age: torch.Tensor | None = None, pred_age: torch.Tensor | None = None) -> list[dict[str, Any]]:
         """Set the iteration's output (images, loss values, ages when known), fire MODEL_COMPLETED, return it."""
         output: dict[str, Any] = {
             TGBGANKeys.IMAGE: real,
             TGBGANKeys.RECONSTRUCTION: fake.detach(),
+            TGBGANKeys.LOSS: float(terms["g_loss"]),
             TGBGANKeys.LOSSES: {key: float(value) for key, value in terms.items()},
         }
         if age is not None:
             output[TGBGANKeys.AGE] = age
         if pred_age is not None:
             output[TGBGANKeys.PRED_AGE] = pred_age.detach()
-        self.state.output = output
+        self.state.output = [output]
         self.fire_event(IterationEvents.MODEL_COMPLETED)
-        return output
+        return self.state.output

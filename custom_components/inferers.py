@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from monai.inferers import Inferer
 
+from custom_components.options import as_bool
+
 
 class CpuAutocastInferer(Inferer):
     """Run the network under CPU autocast to ``dtype`` (bfloat16) when ``enabled``, and return float32.
@@ -18,7 +20,7 @@ class CpuAutocastInferer(Inferer):
 
     def __init__(self, enabled: bool = False, dtype: torch.dtype = torch.bfloat16) -> None:
         super().__init__()
-        self.enabled, self.dtype = bool(enabled), dtype
+        self.enabled, self.dtype = as_bool(enabled, "enabled"), dtype
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any):
         if not self.enabled or inputs.device.type != "cpu":

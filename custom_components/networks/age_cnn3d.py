@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from custom_components.networks.output_layer import ScaledLinear
+from custom_components.options import as_bool
 
 
 def _conv_bn(c_in: int, c_out: int, kernel_size: int, stride: int = 1) -> list[nn.Module]:
@@ -76,8 +77,8 @@ class AgeCNN3d(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.in_channels = in_channels
-        self.channels_last = bool(channels_last)
-        self.standardise_input = bool(standardise_input)
+        self.channels_last = as_bool(channels_last, "channels_last")
+        self.standardise_input = as_bool(standardise_input, "standardise_input")
         layers: list[nn.Module] = [*_conv_bn(in_channels, channels[0], 3), nn.ReLU(inplace=True)]
         for c_in, c_out in zip(channels[:-1], channels[1:]):
             layers.append(ResidualBlock3d(c_in, c_out, stride=2))

@@ -163,9 +163,9 @@ def test_training_loss_falls_for_each_aggregation(tmp_path, cohort, aggregation)
     assert sorted(losses) == list(range(1, epochs + 1))
     assert all(len(v) == 1 for v in losses.values())
     assert np.isfinite([v[0] for v in losses.values()]).all()
-    checkpoint = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
-    assert set(checkpoint) == {"model", "bias_correction"}
-    assert bool(checkpoint["bias_correction"]["fitted"])
+    state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)  # a plain state dict, as the Model Zoo reads it
+    assert state.keys() == workflow.parser.get_parsed_content("network_def").state_dict().keys()
+    assert bool(torch.load(tmp_path / "models" / "bias_correction.pt", weights_only=True)["fitted"])
     if aggregation in LOSS_FALLS:
         first, last = losses[1][0], np.mean([losses[e][0] for e in range(epochs - 4, epochs + 1)])
         assert last < 0.9 * first, f"{aggregation}: loss {first:.1f} -> {last:.1f}"
@@ -173,7 +173,7 @@ def test_training_loss_falls_for_each_aggregation(tmp_path, cohort, aggregation)
 
 def test_evaluate_writes_test_predictions_with_bias_corrected_gaps(trained, cohort):
     _train(trained, cohort, configs=("train", "evaluate"), **{"network_def#aggregation": "attention"})
-    bias = torch.load(trained / "models" / "model.pt", weights_only=True)["bias_correction"]
+    bias = torch.load(trained / "models" / "bias_correction.pt", weights_only=True)
     slope, intercept = float(bias["slope"]), float(bias["intercept"])
     rows = _rows(trained / "eval" / "test_predictions.csv")
     assert [r["subject"] for r in rows] == ["sub03", "sub07", "sub11", "sub15"]
@@ -230,14 +230,14 @@ def test_torchscript_export_predicts_like_the_checkpoint(trained, tmp_path):
     override = {**TINY, "network_def#aggregation": "attention"}
     ts_file = tmp_path / "model.ts"
     ckpt_export(
-        net_id="network_def", filepath=str(ts_file), ckpt_file=str(trained / "models" / "model.pt"), key_in_ckpt="model",
+        net_id="network_def", filepath=str(ts_file), ckpt_file=str(trained / "models" / "model.pt"),
         meta_file=str(META), config_file=str(CONFIGS / "inference.json"), **override,
     )
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / "inference.json"))
     parser.update(override)
     eager = parser.get_parsed_content("network_def")
-    eager.load_state_dict(torch.load(trained / "models" / "model.pt", weights_only=True)["model"])
+    eager.load_state_dict(torch.load(trained / "models" / "model.pt", weights_only=True))
     scripted = torch.jit.load(str(ts_file))
     eager.eval(), scripted.eval()
     x = torch.randn(3, 1, *SHAPE, generator=torch.Generator().manual_seed(0))
@@ -289,7 +289,7 @@ def test_ad_training_reports_auc_with_interval_then_evaluates_test_split(tmp_pat
 
 
 def test_ad_detector_can_start_from_a_brain_age_model_except_its_output_layer(trained, cohort, tmp_path):
-    brain_age = torch.load(trained / "models" / "model.pt", weights_only=True)["model"]
+    brain_age = torch.load(trained / "models" / "model.pt", weights_only=True)
     workflow = _workflow(
         _configs("train", "train_ad"), tmp_path, cohort,
         **{"network_def#aggregation": "attention", "init_weights": str(trained / "models" / "model.pt")},
@@ -347,7 +347,7 @@ def test_command_line_variant_override(tmp_path, cohort):
         "--network_def#slice_axis", "coronal", "--network_def#position_embedding", "True",
     ]
     subprocess.run(command, cwd=BUNDLE, check=True, capture_output=True, text=True, timeout=240)
-    state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)["model"]
+    state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
     assert state["position.weight"].shape[0] == SHAPE[1]  # one position vector per coronal slice
 
 
@@ -364,9 +364,10 @@ def test_multi_gpu_config_trains_with_two_cpu_processes(tmp_path, cohort):
     result = subprocess.run(command, cwd=BUNDLE, env=env, capture_output=True, text=True, timeout=240)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
-    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["checkpoint_epoch=1.pt", "checkpoint_last.pt", "checkpoint_resume.pt", "model.pt"]
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [
+        "bias_correction.pt", "checkpoint_epoch=1.pt", "checkpoint_last.pt", "checkpoint_resume.pt", "model.pt"]
     checkpoint = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
-    assert not any(key.startswith("module.") for key in checkpoint["model"])  # saved unwrapped from DDP
+    assert not any(key.startswith("module.") for key in checkpoint)  # saved unwrapped from DDP
     # validation is gathered from both ranks, and reported once
     assert sorted(r["subject"] for r in _rows(tmp_path / "eval" / "val_predictions.csv")) == ["sub01", "sub05", "sub09", "sub13"]
     assert json.loads((tmp_path / "eval" / "val_metrics.json").read_text())["n"] == 4

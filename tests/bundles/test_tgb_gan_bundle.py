@@ -85,7 +85,7 @@ def test_train_writes_checkpoints_figures_and_metrics(trained):
     root, workflow = trained
     trainer = workflow.parser.get_parsed_content("train#trainer")
     assert trainer.state.epoch == 2
-    losses = trainer.state.output["losses"]
+    losses = trainer.state.output[0]["losses"]
     assert {"g_loss", "adv", "l1", "age_mse", "d_loss", "wasserstein", "gp"} == set(losses)
     assert all(np.isfinite(v) for v in losses.values())
     metrics = workflow.parser.get_parsed_content("validate#evaluator").state.metrics
@@ -115,7 +115,7 @@ def test_ablation_override_removes_the_age_term(cohort, tmp_path):
     before = [p.detach().clone() for p in regressor.parameters()]
     workflow.run()
     trainer = workflow.parser.get_parsed_content("train#trainer")
-    assert "age_mse" not in trainer.state.output["losses"] and "l1" in trainer.state.output["losses"]
+    assert "age_mse" not in trainer.state.output[0]["losses"] and "l1" in trainer.state.output[0]["losses"]
     assert all(torch.equal(b, p) for b, p in zip(before, regressor.parameters()))
     validators = [h.validator for h in workflow.parser.get_parsed_content("train#handlers") if hasattr(h, "validator")]
     assert validators == [workflow.parser.get_parsed_content("validate#evaluator")]
@@ -224,7 +224,7 @@ def test_augmentation_study_compares_three_training_sets_over_seeds_and_resumes(
     # the judge is the second seed's real-only 3D regressor; the TGB-GAN branch started from the first seed's
     branch_init = out / "downstream" / "regressor3d" / "real" / "seed0" / "models" / "model.pt"
     gan_model = torch.load(out / "gan" / "tgb_gan" / "models" / "checkpoint_last.pt", weights_only=True)
-    assert branch_init.is_file() and gan_model["regressor"].keys() == torch.load(branch_init, weights_only=True)["model"].keys()
+    assert branch_init.is_file() and gan_model["regressor"].keys() == torch.load(branch_init, weights_only=True).keys()
     report = (out / "results.md").read_text()
     assert "Wilcoxon" in report and "results.png" in report and (out / "results.png").stat().st_size > 0
     # a second run finds every step done and only rewrites the report

@@ -7,7 +7,7 @@ import torch
 from ignite.engine import Events
 from monai.bundle import ConfigParser
 from monai.data import DataLoader, Dataset, MetaTensor
-from monai.handlers import CheckpointSaver, StatsHandler
+from monai.handlers import CheckpointSaver, StatsHandler, from_engine
 
 from custom_components.data import PrepareImageTarget
 from custom_components.engines import TaskGuidedGANTrainer, TGBGANKeys
@@ -68,10 +68,11 @@ def test_one_iteration_updates_all_three_networks_with_finite_losses():
     assert trainer.state.iteration == 1
     for params, net in zip(before, nets):
         assert all(changed(params, net)), type(net).__name__
-    out = trainer.state.output
+    out = trainer.state.output[0]
     losses = out[TGBGANKeys.LOSSES]
     assert set(losses) == {"g_loss", "adv", "l1", "age_mse", "d_loss", "wasserstein", "gp"}
     assert all(isinstance(v, float) and np.isfinite(v) for v in losses.values())
+    assert from_engine([TGBGANKeys.LOSS], first=True)(trainer.state.output) == losses["g_loss"]  # as MLflow reads it
     assert out[TGBGANKeys.RECONSTRUCTION].shape == out[TGBGANKeys.IMAGE].shape == (2, 1, SIZE, SIZE, SIZE)
     assert out[TGBGANKeys.PRED_AGE].shape == out[TGBGANKeys.AGE].shape == (2, 1)
     torch.testing.assert_close(out[TGBGANKeys.AGE], torch.tensor([[20.0], [23.0]]))
@@ -106,8 +107,8 @@ def test_ablation_never_runs_or_updates_the_regressor():
     assert calls == []
     assert not any(changed(before[0], trainer.regressor))
     assert any(changed(before[1], trainer.generator))
-    assert "age_mse" not in trainer.state.output[TGBGANKeys.LOSSES]
-    assert TGBGANKeys.PRED_AGE not in trainer.state.output
+    assert "age_mse" not in trainer.state.output[0][TGBGANKeys.LOSSES]
+    assert TGBGANKeys.PRED_AGE not in trainer.state.output[0]
 
 
 def test_warmup_iterations_train_the_generator_on_reconstruction_alone_then_the_full_loss():
@@ -117,7 +118,7 @@ def test_warmup_iterations_train_the_generator_on_reconstruction_alone_then_the_
     critic_before, regressor_before = snapshot(trainer.critic, trainer.regressor)
     seen = []
     trainer.add_event_handler(Events.ITERATION_COMPLETED,
-                              lambda e: seen.append((len(d_calls), set(e.state.output[TGBGANKeys.LOSSES]))))
+                              lambda e: seen.append((len(d_calls), set(e.state.output[0][TGBGANKeys.LOSSES]))))
     trainer.run()
     assert seen[:2] == [(0, {"l1", "g_loss"}), (0, {"l1", "g_loss"})]  # no critic step, no age term
     assert seen[2] == (1, {"g_loss", "adv", "l1", "age_mse", "d_loss", "wasserstein", "gp"})
@@ -157,7 +158,7 @@ def test_non_finite_generator_loss_keeps_generator_and_regressor_and_saves_final
 def run_and_record_losses(**kwargs) -> list[dict]:
     trainer = make_trainer(loader=make_loader(n=4), **kwargs)
     history = []
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: history.append(e.state.output[TGBGANKeys.LOSSES]))
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: history.append(e.state.output[0][TGBGANKeys.LOSSES]))
     trainer.run()
     return history
 
@@ -208,7 +209,7 @@ class RecordingHandler(logging.Handler):
 def test_stats_handler_logs_every_loss():
     trainer = make_trainer()
     recorder = RecordingHandler()
-    StatsHandler(name="tgb_test", output_transform=lambda x: x["losses"]).attach(trainer)
+    StatsHandler(name="tgb_test", output_transform=from_engine(["losses"], first=True)).attach(trainer)
     logger = logging.getLogger("tgb_test")
     logger.addHandler(recorder)
     try:
@@ -225,7 +226,7 @@ def test_amp_on_cpu_falls_back_to_float32_with_a_warning():
         trainer = make_trainer(amp=True)
     assert not trainer.amp
     trainer.run()
-    assert trainer.state.output[TGBGANKeys.RECONSTRUCTION].dtype == torch.float32
+    assert trainer.state.output[0][TGBGANKeys.RECONSTRUCTION].dtype == torch.float32
 
 
 def test_invalid_trainer_arguments():
@@ -256,7 +257,7 @@ def test_trainer_builds_from_a_bundle_config_and_the_ablation_is_a_command_line_
             "generator": "@generator", "critic": "@critic", "regressor": "@regressor",
             "g_optimizer": "@g_optimizer", "d_optimizer": "@d_optimizer", "loss": "@loss", "d_train_steps": 2,
             "prepare_batch": {"_target_": "custom_components.data.PrepareImageTarget", "target_key": "age"},
-            "train_handlers": [{"_target_": "StatsHandler", "output_transform": "$lambda x: x['losses']"}],
+            "train_handlers": [{"_target_": "StatsHandler", "output_transform": "$monai.handlers.from_engine(['losses'], first=True)"}],
         },
     }
     parser = ConfigParser(config)
@@ -264,7 +265,7 @@ def test_trainer_builds_from_a_bundle_config_and_the_ablation_is_a_command_line_
     trainer = parser.get_parsed_content("trainer")
     assert isinstance(trainer, TaskGuidedGANTrainer) and trainer.d_train_steps == 2
     trainer.run()
-    assert "age_mse" not in trainer.state.output[TGBGANKeys.LOSSES]
+    assert "age_mse" not in trainer.state.output[0][TGBGANKeys.LOSSES]
 
 
 def test_prepare_batch_returns_plain_image_and_column_of_ages():
@@ -287,16 +288,17 @@ def test_cpu_bf16_autocast_trains_all_three_networks(channels_last):
     nets = (trainer.generator, trainer.critic, trainer.regressor)
     before = snapshot(*nets)
     trainer.run()
-    assert trainer.cpu_bf16 and all(np.isfinite(v) for v in trainer.state.output[TGBGANKeys.LOSSES].values())
-    assert trainer.state.output[TGBGANKeys.RECONSTRUCTION].dtype == torch.bfloat16
+    assert trainer.cpu_bf16 and all(np.isfinite(v) for v in trainer.state.output[0][TGBGANKeys.LOSSES].values())
+    assert trainer.state.output[0][TGBGANKeys.RECONSTRUCTION].dtype == torch.bfloat16
     weight = trainer.generator.encoder[1][0].weight
     assert weight.is_contiguous(memory_format=torch.channels_last_3d) == channels_last
     for params, net in zip(before, nets):
         assert all(changed(params, net)), type(net).__name__
 
 
-def test_fixed_branch_trains_the_generator_through_it_and_stays_as_it_was():
-    trainer = make_trainer(train_regressor=False)
+@pytest.mark.parametrize("train_regressor", [False, "false"])  # "false": how `--train_branch false` arrives
+def test_fixed_branch_trains_the_generator_through_it_and_stays_as_it_was(train_regressor):
+    trainer = make_trainer(train_regressor=train_regressor)
     trainer.regressor.eval()
     before_branch, before_generator = snapshot(trainer.regressor), snapshot(trainer.generator)
     buffers = [b.clone() for b in trainer.regressor.buffers()]
@@ -305,4 +307,4 @@ def test_fixed_branch_trains_the_generator_through_it_and_stays_as_it_was():
     assert all(torch.equal(a, b) for a, b in zip(buffers, trainer.regressor.buffers()))
     assert not trainer.regressor.training
     assert all(changed(before_generator[0], trainer.generator))
-    assert "age_mse" in trainer.state.output[TGBGANKeys.LOSSES]
+    assert "age_mse" in trainer.state.output[0][TGBGANKeys.LOSSES]

@@ -111,7 +111,7 @@ def test_datalist_paths_relative_inside_and_absolute_outside(tmp_path):
 def test_cli_lists_commands_and_rejects_unknown(capsys):
     assert main([]) == 0
     out = capsys.readouterr().out
-    for name in ("ingest-ixi", "ingest-bids", "ingest-csv", "preprocess", "simulate-cohort", "demo"):
+    for name in ("ingest-ixi", "ingest-bids", "ingest-csv", "ingest-dicom", "preprocess", "simulate-cohort", "demo"):
         assert name in out
     assert main(["no-such-command"]) == 2
     assert "unknown command" in capsys.readouterr().err

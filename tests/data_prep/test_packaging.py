@@ -39,12 +39,12 @@ def _reconstructions(eval_dir: Path) -> dict[str, np.ndarray]:
     return {p.name: np.asarray(nib.load(p).dataobj) for p in sorted((eval_dir / "reconstructions").iterdir())}
 
 
-# per bundle: tiny sizes (config overrides), the checkpoint its inference.json loads, its outputs by subject
+# per bundle: tiny sizes (config overrides), the weight files its inference.json loads, its outputs by subject
 CASES = {
     "slice_cnn_brainage": dict(
         shape=(16, 20, 16),
         overrides={"image_size": [16, 20, 16], "network_def#sfcn_channels": [4, 8]},
-        checkpoint=lambda net: {"model": net.state_dict(), "bias_correction": BiasCorrection().state_dict()},
+        weights=lambda net: {"model.pt": net.state_dict(), "bias_correction.pt": BiasCorrection().state_dict()},
         outputs=_predicted_ages,
         expected=set(SUBJECTS),
     ),
@@ -52,7 +52,7 @@ CASES = {
         shape=(16, 16, 16),
         overrides={"image_size": [16, 16, 16], "network_def#encoder_channels": [4, 8],
                    "network_def#decoder_channels": [8, 4]},
-        checkpoint=lambda net: {"generator": net.state_dict()},
+        weights=lambda net: {"model.pt": net.state_dict()},
         outputs=_reconstructions,
         expected={f"{s}_recon.nii.gz" for s in SUBJECTS},
     ),
@@ -80,7 +80,8 @@ def packaged(request, tmp_path_factory) -> dict:
     parser.update(case["overrides"])
     torch.manual_seed(0)
     (root / "run" / "models").mkdir(parents=True)
-    torch.save(case["checkpoint"](parser.get_parsed_content("network_def")), root / "run" / "models" / "model.pt")
+    for filename, state in case["weights"](parser.get_parsed_content("network_def")).items():
+        torch.save(state, root / "run" / "models" / filename)
     rng = np.random.default_rng(0)
     for subject in SUBJECTS:
         save_nifti(rng.random(case["shape"]), np.diag([4.0, 4.0, 4.0, 1.0]), root / "inputs" / f"{subject}.nii.gz")

@@ -281,7 +281,8 @@ def test_position_embedding_with_another_slice_count_than_the_checkpoint(tmp_pat
                                                                  "network_def#spatial_shape": [20, SIZE, SIZE]})
     root = tmp_path / "root"
     (root / "models").mkdir(parents=True)
-    torch.save({"model": network.state_dict(), "bias_correction": bias.state_dict()}, root / "models" / "model.pt")
+    torch.save(network.state_dict(), root / "models" / "model.pt")
+    torch.save(bias.state_dict(), root / "models" / "bias_correction.pt")
     workflow = _workflow("slice_cnn_brainage", ["train", "evaluate"], root, cohort,
                          **{"network_def#position_embedding": True})
     message = _user_error(lambda: _initialize_and_run(workflow))
@@ -298,13 +299,15 @@ def test_checkpoint_of_the_other_bundle_is_refused_by_name(tmp_path, cohort):
     generator = TGBGenerator(encoder_channels=(4, 8), decoder_channels=(8, 4))
     torch.save(generator.state_dict(), slice_root / "models" / "model.pt")  # the GAN's model.pt, in the slice bundle
     message = _user_error(lambda: _initialize_and_run(_workflow("slice_cnn_brainage", ["train", "evaluate"], slice_root, cohort)))
-    assert message.startswith(f"{slice_root / 'models' / 'model.pt'}: has no 'model', 'bias_correction' entries "
-                              "(it holds encoder.")
-    network, bias = _slice_network(tmp_path / "a", cohort)
-    torch.save({"model": network.state_dict(), "bias_correction": bias.state_dict()}, gan_root / "models" / "model.pt")
+    assert message.startswith(f"{slice_root / 'models' / 'model.pt'} does not fit the configured networks")
+    assert "\n  - model: missing encoder.blocks.0.conv.bias, " in message
+    assert "\n  - model: unexpected decoder.0.0.bias, " in message
+    network, _ = _slice_network(tmp_path / "a", cohort)
+    torch.save(network.state_dict(), gan_root / "models" / "model.pt")  # the slice model.pt, in the GAN bundle
     workflow = _workflow("tgb_gan_augment", ["inference"], gan_root, cohort, output_dir=str(tmp_path / "out"))
     message = _user_error(workflow.initialize)
-    assert message.endswith("  - generator: the file holds model, bias_correction, not the network's tensors")
+    assert message.startswith(f"{gan_root / 'models' / 'model.pt'} does not fit the configured networks")
+    assert "\n  - generator: missing decoder.0.0.bias, " in message
 
 
 def test_bundle_run_prints_one_clean_error_without_traceback(tmp_path, cohort):

@@ -20,7 +20,7 @@ from reliability_helpers import BUNDLES, GAN_TINY, REPO, SLICE_TINY
 
 LOSSES = {
     "slice_cnn_brainage": (SLICE_TINY, {"train#dataloader#batch_size": 2}, lambda out: from_engine(["loss"], first=True)(out)),
-    "tgb_gan_augment": (GAN_TINY, {"batch_size": 2}, lambda out: out["losses"]["g_loss"] + out["losses"]["d_loss"]),
+    "tgb_gan_augment": (GAN_TINY, {"batch_size": 2}, lambda out: out[0]["losses"]["g_loss"] + out[0]["losses"]["d_loss"]),
 }
 
 
