@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from ignite.handlers import Checkpoint
+from monai.data import load_decathlon_datalist
 from torch import nn
 
 from data_prep.validate import ValidationReport, check_output_dir, validate_datalist, validate_records
@@ -29,26 +30,45 @@ TRACEBACK_ENV = "BRAINAGE_TRACEBACK"
 _BUILD_ERROR = re.compile(r"Failed to instantiate component '([^']+)'")
 
 
-def check_bundle_inputs(data, splits: Sequence[str] | None = None, target_key: str | None = None,
-                        image_size: Sequence[int] | None = None, on_shape_mismatch: str = "refuse",
-                        output_dirs: Sequence[str] = (), min_free_mb: float = 200) -> ValidationReport:
-    """The ``initialize`` check of a bundle run: output folders writable with ``min_free_mb`` MiB free, then
-    the datalist file ``data`` (its ``splits``) or the list of records ``data``, every image included.
+def check_bundle_inputs(data, target_key: str | None = None, image_size: Sequence[int] | None = None,
+                        on_shape_mismatch: str = "refuse", output_dirs: Sequence[str] = (),
+                        min_free_mb: float = 200) -> ValidationReport:
+    """The input check of a bundle run: output folders writable with ``min_free_mb`` MiB free, then the
+    records the run will read, every image included: ``data`` is what the datasets get (``train#dataset#data``
+    and ``validate#dataset#data`` as ``{split: records}``, or one list), whether read from the datalist file
+    or passed in memory (``monai.bundle.run(..., **{"train#dataset#data": records})``).
 
     Raises InputError listing every problem; logs the notes (reoriented or resized images).
     """
     report_errors_cleanly()
     for folder in output_dirs:
         check_output_dir(folder, min_free_mb)
-    options = dict(target_key=target_key, image_size=image_size, on_shape_mismatch=on_shape_mismatch)
-    if isinstance(data, (str, os.PathLike)):
-        report = validate_datalist(data, splits, **options)
-    else:
-        report = validate_records(data, "input images", **options)
+    sources = {getattr(records, "source", None) for records in (data.values() if isinstance(data, Mapping) else [data])}
+    source = next(iter(sources)) if len(sources) == 1 and None not in sources else "input images"
+    report = validate_records(data, source, target_key=target_key, image_size=image_size,
+                              on_shape_mismatch=on_shape_mismatch)
     for note in report.notes:
         logger.info(note)
     logger.info(str(report).splitlines()[0])
     return report
+
+
+class DatalistRecords(list):
+    """Records read from a datalist file, which ``check_bundle_inputs`` names in its messages."""
+
+    def __init__(self, records, source: str) -> None:
+        super().__init__(records)
+        self.source = source
+
+
+def load_split(datalist_file: str | os.PathLike, split: str, splits: Sequence[str] | None = None) -> DatalistRecords:
+    """``monai.data.load_decathlon_datalist(datalist_file, True, split)`` after checking the file and the
+    records of ``splits`` (``split`` when None) without opening an image (``check_bundle_inputs`` checks the
+    images of what the run reads): an InputError naming the file and listing every problem, never a
+    traceback from a malformed datalist."""
+    report_errors_cleanly()
+    validate_datalist(datalist_file, [split] if splits is None else splits, target_key=None, check_images=False)
+    return DatalistRecords(load_decathlon_datalist(datalist_file, True, split), str(datalist_file))
 
 
 def load_weights(path: str | os.PathLike, map_location=None):

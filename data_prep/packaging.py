@@ -35,7 +35,7 @@ _FROM = re.compile(rb"from\s+")
 
 
 def package_bundles(out_dir: str = "dist", bundles=("slice_cnn_brainage", "tgb_gan_augment"),
-                    models_from: str | None = None) -> list[str]:
+                    models_from: str | None = None, overrides=None) -> list[str]:
     """Write each bundle in ``bundles`` as ``out_dir/<name>_v<version>.zip`` (version from metadata.json).
 
     Args:
@@ -43,14 +43,64 @@ def package_bundles(out_dir: str = "dist", bundles=("slice_cnn_brainage", "tgb_g
         bundles: bundle names (folders under bundles/).
         models_from: a training run's ``--bundle_root`` (the folder holding its ``models/``) to take the
             weights from instead of the bundle folder; one bundle only.
+        overrides: the ``--key value`` overrides the weights were trained with, as a dict (``{"image_size":
+            [64, 64, 64], "network_def#aggregation": "attention"}``) or a JSON file of one: written into the
+            packaged configs, so the unzipped bundle runs its weights with its defaults (as the Model Zoo's
+            checks run it). ``image_size`` also sets the metadata's input (and image output) shape.
     """
     names = (bundles,) if isinstance(bundles, str) else tuple(bundles)
     if models_from is not None and len(names) != 1:
         raise InputError(f"models_from holds one run's weights: name one bundle with bundles, got {list(names)}")
-    return [str(package_bundle(name, out_dir, models_from)) for name in names]
+    if overrides is not None and len(names) != 1:
+        raise InputError(f"overrides belong to one run's weights: name one bundle with bundles, got {list(names)}")
+    return [str(package_bundle(name, out_dir, models_from, _read_overrides(overrides))) for name in names]
 
 
-def package_bundle(name: str, out_dir: str = "dist", models_from: str | None = None) -> Path:
+def _read_overrides(overrides) -> dict:
+    """``overrides`` as a dict: given as one, or the path of a JSON file holding one."""
+    if overrides is None or isinstance(overrides, dict):
+        return dict(overrides or {})
+    path = Path(str(overrides))
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise InputError(f"overrides: give a dict or a JSON file of one; {path}: {err}") from None
+    if not isinstance(content, dict):
+        raise InputError(f"{path}: overrides are a JSON object of id -> value, not a {type(content).__name__}")
+    return content
+
+
+def _with_overrides(configs: dict[str, bytes], overrides: dict, bundle: str) -> dict[str, bytes]:
+    """The configs with each ``a#b#c`` override written where its parent exists (a top-level key: where it is
+    already set), and ``image_size`` into metadata.json's shapes; InputError for one no config has."""
+    parsed = {arc: json.loads(data) for arc, data in configs.items()}
+    unused = []
+    for key, value in overrides.items():
+        *parents, leaf = key.split("#")
+        targets = []
+        for arc, config in parsed.items():
+            if arc.endswith("metadata.json"):
+                continue
+            node = config
+            for part in parents:
+                node = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, dict) and (parents or leaf in node):
+                targets.append(node)
+        for node in targets:
+            node[leaf] = value
+        if not targets:
+            unused.append(key)
+    if unused:
+        raise InputError(f"{bundle}: no config of the bundle sets {', '.join(unused)}; check the override names")
+    if "image_size" in overrides:
+        formats = parsed["configs/metadata.json"]["network_data_format"]
+        for item in [formats["inputs"]["image"], *[o for o in formats["outputs"].values() if o.get("type") == "image"]]:
+            item["spatial_shape"] = list(overrides["image_size"])
+    return {arc: (json.dumps(config, indent=4, ensure_ascii=False) + "\n").encode() if config != json.loads(configs[arc])
+            else configs[arc] for arc, config in parsed.items()}
+
+
+def package_bundle(name: str, out_dir: str = "dist", models_from: str | None = None, overrides: dict | None = None) -> Path:
     """Write one bundle's zip; see :func:`package_bundles`."""
     bundle = BUNDLES_DIR / name
     if not (bundle / "configs" / "metadata.json").is_file():
@@ -65,6 +115,7 @@ def package_bundle(name: str, out_dir: str = "dist", models_from: str | None = N
             if path.is_file() and "__pycache__" not in path.parts:
                 files[path.relative_to(bundle).as_posix()] = path.read_bytes()
     configs = {arc: data for arc, data in files.items() if arc.startswith("configs/") and arc.endswith(".json")}
+    configs = _with_overrides(configs, overrides or {}, name)
     files.update({arc: _config_bytes(bundle / arc, data) for arc, data in configs.items()})
     files.update(_weights(bundle, Path(models_from) if models_from else bundle, configs))
     files.update(_vendored_scripts(bundle, configs))

@@ -1,6 +1,7 @@
 """Up-front checks of a run's inputs and outputs, so that a long run does not fail hours in.
 
-``validate_datalist`` (and ``validate_records`` for a plain list of records) checks, in one pass:
+``validate_datalist`` (and ``validate_records`` for records in memory: a list, or splits of lists) checks,
+in one pass:
 
 - the datalist: readable JSON, the requested splits present, non-empty and lists of records;
 - every record: an ``image`` key, the target (``age`` or ``label``) present when required and a finite
@@ -23,7 +24,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,11 +71,12 @@ class ValidationReport:
 def validate_datalist(datalist: str | os.PathLike, splits: Sequence[str] | None = None,
                       target_key: str | None = "age", image_size: Sequence[int] | None = None,
                       on_shape_mismatch: str = "refuse", dataset_root: str | os.PathLike | None = None,
-                      check_voxels: bool = True) -> ValidationReport:
+                      check_voxels: bool = True, check_images: bool = True) -> ValidationReport:
     """Check a datalist JSON and every image it lists (module docstring); raise InputError listing all problems.
 
     ``splits``: the splits a run reads (all list-valued top-level keys when None). Relative image paths
-    are read from the datalist's folder, as ``monai.data.load_decathlon_datalist`` does.
+    are read from the datalist's folder, as ``monai.data.load_decathlon_datalist`` does. ``check_images``
+    False checks the file and its records only, without opening an image.
     """
     path = Path(datalist)
     report = ValidationReport(str(path))
@@ -94,26 +96,33 @@ def validate_datalist(datalist: str | os.PathLike, splits: Sequence[str] | None 
         else:
             records[split] = content[split]
     _check_splits(records, report, path.resolve().parent, target_key, image_size, on_shape_mismatch,
-                  dataset_root, check_voxels)
+                  dataset_root, check_voxels, check_images)
     return report.raise_problems()
 
 
-def validate_records(records: Iterable[dict], source: str = "records", target_key: str | None = None,
-                     image_size: Sequence[int] | None = None, on_shape_mismatch: str = "refuse",
-                     dataset_root: str | os.PathLike | None = None, check_voxels: bool = True) -> ValidationReport:
-    """``validate_datalist`` for records already read (e.g. every image of a folder); paths relative to the
-    working directory."""
+def validate_records(records: Iterable[dict] | Mapping[str, Iterable[dict]], source: str = "records",
+                     target_key: str | None = None, image_size: Sequence[int] | None = None,
+                     on_shape_mismatch: str = "refuse", dataset_root: str | os.PathLike | None = None,
+                     check_voxels: bool = True) -> ValidationReport:
+    """``validate_datalist`` for records already read or passed in memory: one list, or splits (name ->
+    list; no subject in two of them); paths relative to the working directory."""
     report = ValidationReport(source)
-    records = list(records)
-    if not records:
-        report.problems.append("no records")
-    _check_splits({"records": records} if records else {}, report, Path.cwd(), target_key, image_size,
-                  on_shape_mismatch, dataset_root, check_voxels)
+    named = records.items() if isinstance(records, Mapping) else [("records", records)]
+    splits = {}
+    for name, rows in named:
+        if isinstance(rows, (str, bytes, Mapping)) or not isinstance(rows, Iterable):
+            report.problems.append(f"'{name}' is a {type(rows).__name__}, not a list of records")
+        elif not (rows := list(rows)):
+            report.problems.append(f"'{name}' is empty" if isinstance(records, Mapping) else "no records")
+        else:
+            splits[name] = rows
+    _check_splits(splits, report, Path.cwd(), target_key, image_size, on_shape_mismatch, dataset_root, check_voxels)
     return report.raise_problems()
 
 
 def _check_splits(splits: dict[str, list], report: ValidationReport, base: Path, target_key: str | None,
-                  image_size, on_shape_mismatch: str, dataset_root, check_voxels: bool) -> None:
+                  image_size, on_shape_mismatch: str, dataset_root, check_voxels: bool,
+                  check_images: bool = True) -> None:
     if on_shape_mismatch not in SHAPE_POLICIES:
         raise InputError(f"on_shape_mismatch must be one of {', '.join(SHAPE_POLICIES)}, got {on_shape_mismatch!r}")
     if target_key is not None and target_key not in TARGET_KEYS:
@@ -138,11 +147,12 @@ def _check_splits(splits: dict[str, list], report: ValidationReport, base: Path,
             if root is not None and not image.is_relative_to(root):
                 report.problems.append(f"{where}: image {record['image']} lies outside the dataset folder {root}")
                 continue
-            if image not in checked:
-                checked[image] = check_image(image, size, on_shape_mismatch, check_voxels)
-            problems, notes = checked[image]
-            report.problems += [f"{where}: {p}" for p in problems]
-            report.notes += notes
+            if check_images:
+                if image not in checked:
+                    checked[image] = check_image(image, size, on_shape_mismatch, check_voxels)
+                problems, notes = checked[image]
+                report.problems += [f"{where}: {p}" for p in problems]
+                report.notes += notes
             subject = str(record.get("subject", image))
             rows = seen_in.setdefault(subject, {})
             if split in rows:

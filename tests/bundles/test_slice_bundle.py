@@ -277,7 +277,14 @@ def test_ad_training_reports_auc_with_interval_then_evaluates_test_split(tmp_pat
     assert len(aucs) == 3
     assert evaluator.state.best_metric == pytest.approx(max(aucs))
     assert evaluator.state.best_metric_epoch == 1 + int(np.argmax(aucs))
-    assert (tmp_path / "models" / "model.pt").is_file()
+    # the detector's model.pt exports as the Model Zoo's CI does it: default arguments, no key inside the file
+    ckpt_export(net_id="network_def", filepath=str(tmp_path / "ad.ts"), ckpt_file=str(tmp_path / "models" / "model.pt"),
+                meta_file=str(META), config_file=_configs("train", "train_ad"), **TINY)
+    detector = workflow.parser.get_parsed_content("network_def")
+    detector.load_state_dict(torch.load(tmp_path / "models" / "model.pt", weights_only=True))
+    x = torch.randn(2, 1, *SHAPE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.load(str(tmp_path / "ad.ts")).eval()(x), detector.eval()(x))
 
     _train(tmp_path, cohort, configs=("train", "train_ad", "evaluate", "evaluate_ad"))
     test_rows = _rows(tmp_path / "eval" / "test_detection.csv")

@@ -5,6 +5,7 @@ import hashlib
 import hmac
 import io
 import json
+import locale
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -54,6 +55,19 @@ def subsampled(image: itk.Image, step: tuple[int, int, int]) -> itk.Image:
     return out
 
 
+@contextlib.contextmanager
+def locale_kept():
+    """Restore the process's locale afterwards: writing these DICOM headers through GDCM leaves the C
+    library's LC_CTYPE at "C", after which Python's default text encoding is ASCII and later tests in the
+    same pytest worker fail to read UTF-8 files with ``Path.read_text()``."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+@locale_kept()
 def write_series(folder: Path, image: itk.Image, n_slices: int | None = None, **tags) -> None:
     """``image`` as a DICOM series of one file per slice, each header holding ``tags`` (names in TAG)."""
     folder.mkdir(parents=True, exist_ok=True)

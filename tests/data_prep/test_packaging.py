@@ -85,14 +85,15 @@ def packaged(request, tmp_path_factory) -> dict:
     rng = np.random.default_rng(0)
     for subject in SUBJECTS:
         save_nifti(rng.random(case["shape"]), np.diag([4.0, 4.0, 4.0, 1.0]), root / "inputs" / f"{subject}.nii.gz")
-    args = ["package-bundles", "--bundles", name, "--models_from", str(root / "run"), "--out_dir", str(root / "dist")]
+    args = ["package-bundles", "--bundles", name, "--models_from", str(root / "run"), "--out_dir", str(root / "dist"),
+            "--overrides", json.dumps(case["overrides"])]
     assert main(args) == 0
     return {"name": name, "root": root, "zip": next((root / "dist").glob(f"{name}_v*.zip")), **case}
 
 
-def _unzipped(package: dict) -> Path:
+def _unzipped(package: dict, folder: str = "unzipped") -> Path:
     """The zip extracted into a new empty folder; returns the bundle folder inside it."""
-    target = package["root"] / "unzipped"
+    target = package["root"] / folder
     target.mkdir()
     assert not any(target.iterdir())
     with zipfile.ZipFile(package["zip"]) as archive:
@@ -112,10 +113,9 @@ def test_packaged_inference_runs_without_this_repository(packaged, isolated_env)
                            cwd=bundle, env=isolated_env, capture_output=True, text=True)
     assert Path(where.stdout.strip()).is_relative_to(bundle), where.stderr
 
-    overrides = [arg for key, value in packaged["overrides"].items() for arg in (f"--{key}", json.dumps(value))]
-    inputs = packaged["root"] / "inputs"
+    inputs = packaged["root"] / "inputs"  # the training overrides are in the packaged configs: none given here
     command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
-               "--input_dir", str(inputs), *overrides]
+               "--input_dir", str(inputs)]
     result = subprocess.run(command, cwd=bundle, env=isolated_env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
@@ -144,9 +144,14 @@ def test_package_holds_model_zoo_layout_and_only_rewritten_code(packaged):
         assert required in files
     meta = json.loads(files["configs/metadata.json"])
     assert packaged["zip"].name == f"{name}_v{meta['version']}.zip"
-    again = package_bundles(str(packaged["root"] / "again"), name, models_from=str(packaged["root"] / "run"))
+    again = package_bundles(str(packaged["root"] / "again"), name, models_from=str(packaged["root"] / "run"),
+                            overrides=packaged["overrides"])
     assert Path(again[0]).read_bytes() == packaged["zip"].read_bytes()  # reproducible: fixed entry times, sorted
-    assert files["configs/metadata.json"] == (source / "configs" / "metadata.json").read_bytes()
+    image = meta["network_data_format"]["inputs"]["image"]  # the trained image_size, the rest as in the repository
+    assert image.pop("spatial_shape") == list(packaged["shape"])
+    source_meta = json.loads((source / "configs" / "metadata.json").read_text())
+    del source_meta["network_data_format"]["inputs"]["image"]["spatial_shape"]
+    assert meta["network_data_format"]["inputs"]["image"] == source_meta["network_data_format"]["inputs"]["image"]
     assert SCHEMA.is_file(), f"schema copy missing at {SCHEMA}"
     meta_copy = packaged["root"] / "metadata.json"
     meta_copy.write_bytes(files["configs/metadata.json"])
@@ -167,6 +172,37 @@ def test_package_holds_model_zoo_layout_and_only_rewritten_code(packaged):
     for path in (p for p in files if p.startswith("configs/") and p.endswith(".json")):
         text = files[path].decode()
         assert '"custom_components.' not in text and "import custom_components" not in text, path
+
+
+# The Model Zoo's ci/verify_bundle.py checks, with its default arguments, run in the unzipped bundle's folder;
+# then the exported TorchScript against the eager network with the same weights.
+ZOO_CI = """
+import json, torch
+from monai.bundle import ConfigParser, ckpt_export, verify_metadata, verify_net_in_out
+meta, config = "configs/metadata.json", "configs/inference.json"
+verify_metadata(meta_file=meta, filepath={schema!r})
+verify_net_in_out(net_id="network_def", meta_file=meta, config_file=config, bundle_root=".")
+ckpt_export(net_id="network_def", filepath="models/verify_model.ts", ckpt_file="models/model.pt",
+            meta_file=meta, config_file=config, bundle_root=".")
+parser = ConfigParser()
+parser.read_config(config)
+eager = parser.get_parsed_content("network_def")
+eager.load_state_dict(torch.load("models/model.pt", weights_only=True))
+scripted = torch.jit.load("models/verify_model.ts")
+shape = json.load(open(meta))["network_data_format"]["inputs"]["image"]["spatial_shape"]
+x = torch.rand(2, 1, *shape, generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    torch.testing.assert_close(scripted.eval()(x), eager.eval()(x), rtol=1e-5, atol=1e-5)
+print("model zoo checks passed")
+"""
+
+
+def test_model_zoo_ci_checks_pass_on_the_unzipped_bundle_with_default_arguments(packaged, isolated_env):
+    bundle = _unzipped(packaged, "zoo_ci")
+    result = subprocess.run([sys.executable, "-c", ZOO_CI.format(schema=str(SCHEMA))], cwd=bundle, env=isolated_env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "model zoo checks passed" in result.stdout
 
 
 def test_packaging_refuses_when_a_config_needs_absent_weights(tmp_path, capsys):

@@ -305,7 +305,7 @@ def test_checkpoint_of_the_other_bundle_is_refused_by_name(tmp_path, cohort):
     network, _ = _slice_network(tmp_path / "a", cohort)
     torch.save(network.state_dict(), gan_root / "models" / "model.pt")  # the slice model.pt, in the GAN bundle
     workflow = _workflow("tgb_gan_augment", ["inference"], gan_root, cohort, output_dir=str(tmp_path / "out"))
-    message = _user_error(workflow.initialize)
+    message = _user_error(lambda: _initialize_and_run(workflow))
     assert message.startswith(f"{gan_root / 'models' / 'model.pt'} does not fit the configured networks")
     assert "\n  - generator: missing decoder.0.0.bias, " in message
 
