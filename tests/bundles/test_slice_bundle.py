@@ -128,6 +128,16 @@ def test_network_matches_metadata_input_and_output():
     verify_net_in_out(net_id="network_def", meta_file=str(META), config_file=str(CONFIGS / "inference.json"))
 
 
+def test_blur_augmentation_is_off_by_default_and_smooths_at_the_configured_rate(tmp_path, cohort):
+    def smoothing(**override):
+        parser = _workflow(_configs("train"), tmp_path, cohort, **override).parser
+        return [t for t in parser.get_parsed_content("train#intensity_augmentation") if type(t).__name__ == "RandGaussianSmoothd"]
+
+    assert smoothing() == []
+    [blur] = smoothing(augment_blur_prob=0.5, augment_blur_sigma=[0.5, 1.0])
+    assert blur.prob == 0.5 and tuple(blur.rand_smooth.sigma_x) == (0.5, 1.0)
+
+
 @pytest.mark.parametrize(
     "configs, workflow_type",
     [(("train",), "train"), (("train", "train_ad"), "train"), (("inference",), "inference")],
