@@ -13,10 +13,14 @@ metric and its epoch, and the trainer's (not part of an ignite engine's state di
 CheckpointSaver among ``best_model_savers`` (else the first validation after a restart would overwrite
 ``model.pt`` whatever its score), and the torch, NumPy and Python random states and those of the random
 transforms given, so that a resumed run draws the same batches and augmentations as an uninterrupted one.
+
+The checkpoint it replaces is kept as ``checkpoint_resume.previous.pt``: a resume file that cannot be read
+(truncated, overwritten, a failing disk) is reported and the run resumes from the previous one instead.
 """
 from __future__ import annotations
 
 import logging
+import os
 import random
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -28,9 +32,9 @@ from monai.handlers import CheckpointSaver
 from monai.transforms import Compose, Randomizable
 
 from custom_components.options import as_bool
-from custom_components.validation import load_checkpoint, unwrap
+from custom_components.validation import load_checkpoint, load_weights, unwrap
 from data_prep.validate import remove_partial_writes
-from data_prep.volumes import atomic_path
+from data_prep.volumes import InputError, atomic_path
 
 logger = logging.getLogger(__name__)
 RESUME_KEY = "resume_state"
@@ -84,6 +88,7 @@ class TrainingResume:
         if RESUME_KEY in save_dict:
             raise ValueError(f"'{RESUME_KEY}' is reserved in save_dict")
         self.path = Path(save_dir) / filename
+        self.previous = self.path.with_name(f"{self.path.stem}.previous{self.path.suffix}")
         self.save_dict = dict(save_dict)
         self.engines = dict(engines or {})
         self.savers = [s for s in best_model_savers
@@ -118,18 +123,41 @@ class TrainingResume:
         return content
 
     def write(self, engine: Engine) -> Path:
-        """Write the checkpoint atomically (a kill mid-write leaves the previous one intact)."""
+        """Write the checkpoint atomically (a kill mid-write leaves the previous one intact); the one it
+        replaces becomes ``previous``."""
         with atomic_path(self.path) as tmp:
             torch.save(self.state(), tmp)
+            if self.path.is_file():
+                os.replace(self.path, self.previous)
         return self.path
+
+    def _readable(self) -> Path | None:
+        """The newest resume file that loads: the checkpoint, else (reported) the previous one; None if none
+        exists. InputError naming both when neither loads."""
+        problems = []
+        for path in (self.path, self.previous):
+            if not path.is_file():
+                continue
+            try:
+                load_weights(path, "cpu")
+            except InputError as err:
+                problems.append(str(err))
+                continue
+            if problems:
+                logger.warning(f"{problems[0]}; resuming from the one before it, {path}")
+            return path
+        if problems:
+            raise InputError("no resume checkpoint can be read: " + "; ".join(problems) +
+                             "; set resume to false to start afresh")
+        return None
 
     def load(self, engine: Engine) -> bool:
         """Restore everything from the checkpoint when ``resume`` is on and it exists; True when restored."""
         remove_partial_writes(self.path.parent)  # temporary files of a write that was killed
-        if not self.resume or not self.path.is_file():
+        if not self.resume or (path := self._readable()) is None:
             return False
         max_epochs = engine.state.max_epochs
-        content = load_checkpoint(self.path, self.save_dict, self.map_location, also_required=(RESUME_KEY,))
+        content = load_checkpoint(path, self.save_dict, self.map_location, also_required=(RESUME_KEY,))
         extra = content[RESUME_KEY]
         for name, best in extra["engines"].items():
             if name in self.engines:
@@ -144,17 +172,17 @@ class TrainingResume:
         random.setstate(extra["python_rng"])
         saved_transforms = extra.get("transform_rngs", [])
         if len(saved_transforms) != len(self.random_transforms):
-            logger.warning(f"{self.path} holds the random states of {len(saved_transforms)} random transforms, this "
+            logger.warning(f"{path} holds the random states of {len(saved_transforms)} random transforms, this "
                            f"run has {len(self.random_transforms)}: augmentation will not repeat the uninterrupted run")
         else:
             for transform, state in zip(self.random_transforms, saved_transforms):
                 transform.R.set_state(_numpy_state_loaded(state))
         if max_epochs is not None:
             if engine.state.epoch > max_epochs:
-                raise ValueError(f"{self.path} is at epoch {engine.state.epoch}, beyond max_epochs {max_epochs}; "
+                raise ValueError(f"{path} is at epoch {engine.state.epoch}, beyond max_epochs {max_epochs}; "
                                  "raise max_epochs to train on, or set resume to false to start afresh")
             engine.state.max_epochs = max_epochs  # the command's max_epochs, not the checkpoint's
-        logger.info(f"resumed from {self.path}: epoch {engine.state.epoch}, iteration {engine.state.iteration}")
+        logger.info(f"resumed from {path}: epoch {engine.state.epoch}, iteration {engine.state.iteration}")
         return True
 
 

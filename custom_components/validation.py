@@ -22,7 +22,8 @@ from ignite.handlers import Checkpoint
 from monai.data import load_decathlon_datalist
 from torch import nn
 
-from data_prep.validate import ValidationReport, check_output_dir, validate_datalist, validate_records
+from data_prep.validate import (ValidationReport, check_output_dir, lock_output_dir, validate_datalist,
+                                validate_records)
 from data_prep.volumes import InputError
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def check_bundle_inputs(data, target_key: str | None = None, image_size: Sequenc
     """
     report_errors_cleanly()
     for folder in output_dirs:
-        check_output_dir(folder, min_free_mb)
+        lock_output_dir(check_output_dir(folder, min_free_mb))
     sources = {getattr(records, "source", None) for records in (data.values() if isinstance(data, Mapping) else [data])}
     source = next(iter(sources)) if len(sources) == 1 and None not in sources else "input images"
     report = validate_records(data, source, target_key=target_key, image_size=image_size,

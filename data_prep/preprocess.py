@@ -47,7 +47,7 @@ from .datalist import read_datalist, write_datalist
 from .grid import Grid, canonical_grid, resample_to_grid
 from .qc import normalised_correlation, save_qc_picture
 from .registration import RegistrationError, correct_bias, register_to_template, use_itk_threads, voxel_sizes
-from .validate import check_output_dir, remove_partial_writes
+from .validate import check_output_dir, lock_output_dir, remove_partial_writes
 from .volumes import InputError, atomic_path, load_volume, normalise_intensity, save_nifti
 
 BRAIN_MARGIN_MM = 2.0
@@ -166,7 +166,7 @@ def preprocess_datalist(datalist: str | os.PathLike, out_dir: str | os.PathLike,
     out_dir = Path(out_dir)
     _check_options(resolution, dtype, workers)
     splits = _read_splits(datalist)
-    check_output_dir(out_dir)
+    lock_output_dir(check_output_dir(out_dir))  # before removing partial writes: they may be another run's
     for folder in (out_dir, out_dir / "images", out_dir / "qc"):
         remove_partial_writes(folder)  # temporary files of writes that were killed
     jobs = _scan_jobs(splits, out_dir, float(resolution), dtype)

@@ -19,11 +19,14 @@ whose disk is nearly full. CLI: ``python -m data_prep validate --datalist D``.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +43,8 @@ MAX_LISTED = 100  # problems listed in one error; the rest are counted
 OBLIQUE_TOLERANCE_DEG = 1.0
 ANISOTROPY_TOLERANCE = 0.01  # relative difference of voxel sizes
 PREPROCESS_HINT = "put it on the canonical grid first (python -m data_prep preprocess)"
+LOCK_FILE = ".brainage.lock"
+_LOCKS: dict[Path, int] = {}  # output folder -> this process's open, locked lock file (held until it exits)
 
 
 @dataclass
@@ -268,6 +273,30 @@ def check_output_dir(folder: str | os.PathLike, min_free_mb: float = MIN_FREE_MB
     if free_mb < float(min_free_mb):
         raise InputError(f"{folder}: only {free_mb:.0f} MiB free on its disk, at least {float(min_free_mb):.0f} MiB "
                          "needed (min_free_mb); free some space or choose another folder")
+    return folder
+
+
+def lock_output_dir(folder: str | os.PathLike) -> Path:
+    """Hold an exclusive lock on ``folder`` (``.brainage.lock`` in it) for the rest of this process, so that a
+    second run writing into the same folder at the same time is refused with an InputError naming the
+    folder and the run holding it. The operating system drops the lock when its process ends, however it
+    ends (a killed run leaves no stale lock). Taking it again in the same process is a no-op; the non-zero
+    ranks of a multi-GPU run (``RANK`` > 0) write through rank 0 and take none. POSIX ``flock``: not
+    reliable on every network file system."""
+    folder = Path(folder).resolve()
+    if folder in _LOCKS or int(os.environ.get("RANK", "0")) > 0:
+        return folder
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise InputError(f"{folder} is in use by another run ({holder}); wait for it to end, or give this run "
+                         "another output folder (--bundle_root, --output_dir or --out_dir)") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+    _LOCKS[folder] = fd
     return folder
 
 
