@@ -128,6 +128,13 @@ def test_network_matches_metadata_input_and_output():
     verify_net_in_out(net_id="network_def", meta_file=str(META), config_file=str(CONFIGS / "inference.json"))
 
 
+def test_amp_false_from_the_command_line_switches_amp_off(tmp_path, cohort):
+    """`--amp false` arrives as the string "false", which MONAI's engines would take as true."""
+    parser = _workflow(_configs("train"), tmp_path, cohort, amp="false").parser
+    assert parser.get_parsed_content("train#trainer").amp is False
+    assert parser.get_parsed_content("validate#evaluator").amp is False
+
+
 def test_blur_augmentation_is_off_by_default_and_smooths_at_the_configured_rate(tmp_path, cohort):
     def smoothing(**override):
         parser = _workflow(_configs("train"), tmp_path, cohort, **override).parser
