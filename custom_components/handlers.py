@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -18,8 +19,11 @@ from data_prep.volumes import atomic_path, save_nifti
 
 from .brain_age import BiasCorrection, brain_age_metrics, pearson_r
 from .classification import detection_metrics
+from .input_reference import FEATURES, InputReference
 from .plots import (map_overlay_figure, plot_gap_vs_age, plot_learning_curve, plot_predicted_vs_true, plot_roc,
                     plot_slice_weights, save_figure)
+
+logger = logging.getLogger(__name__)
 
 
 def subject_id(item: dict, key: str, index: int) -> str:
@@ -167,6 +171,45 @@ class DetectionReport(EpochCollector):
             json.dump(metrics, handle, indent=1)
         if 0 < labels.sum() < labels.size:
             plot_roc(labels, probabilities, metrics, self.output_dir / f"{self.prefix}roc.png")
+
+
+class InputCheckReport(EpochCollector):
+    """Write each input's out-of-distribution check (``input_reference.InputCheckd`` put it in the batch):
+    ``<prefix>input_check.csv`` (subject, ood_score, ood_flag, the three measures) beside the predictions,
+    and a warning naming the flagged inputs. Attach on every rank under DDP (it gathers); rank 0 writes.
+    """
+
+    def __init__(self, reference: InputReference, output_dir, prefix: str = "", subject_key: str = "subject",
+                 check_key: str = "input_check") -> None:
+        self.reference, self.output_dir, self.prefix = reference, Path(output_dir), prefix
+        self.subject_key, self.check_key = subject_key, check_key
+        self._subjects: list[str] = []
+        self._checks: list[list[float]] = []
+
+    def _reset(self, engine: Engine) -> None:
+        self._subjects, self._checks = [], []
+
+    def _collect(self, engine: Engine) -> None:
+        for item in engine.state.batch:
+            self._subjects.append(subject_id(item, self.subject_key, len(self._subjects)))
+            self._checks.append([float(v) for v in torch.as_tensor(item[self.check_key]).reshape(-1)])
+
+    def _report(self, engine: Engine) -> None:
+        subjects, columns = gather_subject_values(self._subjects, [list(c) for c in zip(*self._checks)])
+        if idist.get_rank() != 0 or not subjects:
+            return
+        scores, features = columns[0], columns[1:]
+        flagged = scores > self.reference.threshold
+        rows = [{"subject": s, "ood_score": _fmt(score), "ood_flag": int(flag),
+                 **{name: _fmt(values[k]) for name, values in zip(FEATURES, features)}}
+                for k, (s, score, flag) in enumerate(zip(subjects, scores, flagged))]
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        write_csv(self.output_dir / f"{self.prefix}input_check.csv", rows)
+        if flagged.any():
+            names = ", ".join(f"{s} ({score:.1f})" for s, score, flag in zip(subjects, scores, flagged) if flag)
+            logger.warning("%d of %d inputs look unlike the training data (ood_score above %.1f; see %s): %s",
+                           int(flagged.sum()), len(subjects), self.reference.threshold,
+                           self.output_dir / f"{self.prefix}input_check.csv", names)
 
 
 class LearningCurve(EpochCollector):

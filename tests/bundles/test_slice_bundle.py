@@ -389,7 +389,8 @@ def test_multi_gpu_config_trains_with_two_cpu_processes(tmp_path, cohort):
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [
-        ".brainage.lock", "bias_correction.pt", "checkpoint_epoch=1.pt", "checkpoint_last.pt", "checkpoint_resume.pt", "model.pt"]
+        ".brainage.lock", "bias_correction.pt", "checkpoint_epoch=1.pt", "checkpoint_last.pt", "checkpoint_resume.pt",
+        "input_reference.pt", "model.pt"]
     checkpoint = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
     assert not any(key.startswith("module.") for key in checkpoint)  # saved unwrapped from DDP
     # validation is gathered from both ranks, and reported once

@@ -17,11 +17,13 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow, verify_metadata
 
 from custom_components.brain_age import BiasCorrection
+from custom_components.input_reference import InputReference
 from data_prep.__main__ import main
 from data_prep.packaging import BUNDLES_DIR, VENDORED, package_bundles
 from data_prep.volumes import save_nifti
@@ -39,12 +41,18 @@ def _reconstructions(eval_dir: Path) -> dict[str, np.ndarray]:
     return {p.name: np.asarray(nib.load(p).dataobj) for p in sorted((eval_dir / "reconstructions").iterdir())}
 
 
+def _input_reference(shape) -> dict:
+    volumes = [np.random.default_rng(k).random(shape) for k in range(4)]
+    return InputReference(shape).fit(lambda: iter(volumes)).state_dict()
+
+
 # per bundle: tiny sizes (config overrides), the weight files its inference.json loads, its outputs by subject
 CASES = {
     "slice_cnn_brainage": dict(
         shape=(16, 20, 16),
         overrides={"image_size": [16, 20, 16], "network_def#sfcn_channels": [4, 8]},
-        weights=lambda net: {"model.pt": net.state_dict(), "bias_correction.pt": BiasCorrection().state_dict()},
+        weights=lambda net: {"model.pt": net.state_dict(), "bias_correction.pt": BiasCorrection().state_dict(),
+                             "input_reference.pt": _input_reference((16, 20, 16))},
         outputs=_predicted_ages,
         expected=set(SUBJECTS),
     ),
@@ -52,7 +60,7 @@ CASES = {
         shape=(16, 16, 16),
         overrides={"image_size": [16, 16, 16], "network_def#encoder_channels": [4, 8],
                    "network_def#decoder_channels": [8, 4]},
-        weights=lambda net: {"model.pt": net.state_dict()},
+        weights=lambda net: {"model.pt": net.state_dict(), "input_reference.pt": _input_reference((16, 16, 16))},
         outputs=_reconstructions,
         expected={f"{s}_recon.nii.gz" for s in SUBJECTS},
     ),
@@ -132,6 +140,10 @@ def test_packaged_inference_runs_without_this_repository(packaged, isolated_env)
     for key in want:
         np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-5)
         assert np.all(np.isfinite(got[key]))
+    # the vendored input check scores like the repository's
+    checks = [pd.read_csv(folder / "inference_input_check.csv") for folder in (bundle / "eval", reference)]
+    assert np.isfinite(checks[0].ood_score).all()
+    pd.testing.assert_frame_equal(*checks)
 
 
 def test_package_holds_model_zoo_layout_and_only_rewritten_code(packaged):

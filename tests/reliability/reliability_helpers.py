@@ -1,6 +1,7 @@
 """Shared pieces of the reliability suite: a tiny cohort both bundles train on, their tiny settings, commands."""
 from __future__ import annotations
 
+import csv
 import json
 import sys
 from pathlib import Path
@@ -48,3 +49,25 @@ def bundle_command(bundle: str, configs: list[str], bundle_root: Path, dataset_d
     args = [arg for key, value in override.items() for arg in (f"--{key}", json.dumps(value))]
     return [sys.executable, "-m", "monai.bundle", "run", "--config_file", files, "--bundle_root", str(bundle_root),
             "--dataset_dir", str(dataset_dir), *args]
+
+
+def _predicted_subjects(out: Path) -> list[str]:
+    with open(out / "inference_predictions.csv", newline="") as handle:
+        return [row["subject"] for row in csv.DictReader(handle)]
+
+
+def _reconstructed_subjects(out: Path) -> list[str]:
+    return [p.name.removesuffix("_recon.nii.gz") for p in sorted((out / "reconstructions").iterdir())]
+
+
+# per bundle: tiny overrides of train.json, of inference.json, the net_override of monai.bundle.load, and
+# the subjects inference wrote an output for
+TINY_RUNS = {
+    "slice_cnn_brainage": ({**SLICE_TINY, "train#dataloader#batch_size": 4},
+                           {"image_size": SLICE_TINY["image_size"], "network_def#sfcn_channels": [4, 8], "min_free_mb": 1},
+                           {"sfcn_channels": [4, 8], "spatial_shape": SLICE_TINY["image_size"]}, _predicted_subjects),
+    "tgb_gan_augment": (GAN_TINY,
+                        {"image_size": GAN_TINY["image_size"], "network_def#encoder_channels": [4, 8],
+                         "network_def#decoder_channels": [8, 4], "min_free_mb": 1},
+                        {"encoder_channels": [4, 8], "decoder_channels": [8, 4]}, _reconstructed_subjects),
+}

@@ -2,7 +2,6 @@
 passed in memory, the network loaded with ``monai.bundle.load``."""
 from __future__ import annotations
 
-import csv
 import shutil
 from pathlib import Path
 
@@ -12,7 +11,7 @@ from monai.bundle import load, run
 from monai.data import load_decathlon_datalist
 
 from custom_components.validation import user_error_message
-from reliability_helpers import BUNDLES, GAN_TINY, SLICE_TINY
+from reliability_helpers import BUNDLES, GAN_TINY, SLICE_TINY, TINY_RUNS
 
 # every training config: (bundle, configs, overrides, the validation key metric the run must log)
 TRAINING = {
@@ -39,32 +38,10 @@ def test_tracking_mlflow_logs_training_loss_and_validation_metrics(case, cohort,
     assert [m.step for m in logged[key_metric]] == [1, 2]
 
 
-def _predicted_subjects(out: Path) -> list[str]:
-    with open(out / "inference_predictions.csv", newline="") as handle:
-        return [row["subject"] for row in csv.DictReader(handle)]
-
-
-def _reconstructed_subjects(out: Path) -> list[str]:
-    return [p.name.removesuffix("_recon.nii.gz") for p in sorted((out / "reconstructions").iterdir())]
-
-
-# per bundle: tiny overrides of train.json, of inference.json, the net_override of monai.bundle.load, and
-# the subjects inference wrote an output for
-IN_MEMORY = {
-    "slice_cnn_brainage": ({**SLICE_TINY, "train#dataloader#batch_size": 4},
-                           {"image_size": SLICE_TINY["image_size"], "network_def#sfcn_channels": [4, 8], "min_free_mb": 1},
-                           {"sfcn_channels": [4, 8], "spatial_shape": SLICE_TINY["image_size"]}, _predicted_subjects),
-    "tgb_gan_augment": (GAN_TINY,
-                        {"image_size": GAN_TINY["image_size"], "network_def#encoder_channels": [4, 8],
-                         "network_def#decoder_channels": [8, 4], "min_free_mb": 1},
-                        {"encoder_channels": [4, 8], "decoder_channels": [8, 4]}, _reconstructed_subjects),
-}
-
-
-@pytest.mark.parametrize("bundle", IN_MEMORY)
+@pytest.mark.parametrize("bundle", TINY_RUNS)
 def test_run_and_load_with_data_passed_in_memory_and_no_datalist_file(bundle, cohort, tmp_path, monkeypatch):
     """As MONAI Label and MONAI FL drive a bundle: records as config overrides, no datalist file on disk."""
-    train_tiny, inference_tiny, net_override, outputs = IN_MEMORY[bundle]
+    train_tiny, inference_tiny, net_override, outputs = TINY_RUNS[bundle]
     monkeypatch.chdir(tmp_path)
     records = {split: load_decathlon_datalist(str(cohort / "datalist.json"), True, split)
                for split in ("training", "validation", "test")}
