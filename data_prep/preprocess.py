@@ -12,13 +12,19 @@ One scan (``preprocess_volume``):
    same as carrying it back to the native scan and masking there;
 5. intensity normalisation: division by the NORMALISATION_PERCENTILE-th percentile of the brain, so white matter
    sits near 1 as in the nilearn template; zero outside the brain;
-6. QC: correlation with the template inside its brain mask; below MIN_TEMPLATE_CORRELATION the scan is
-   rejected as misregistered.
+6. QC, two measures: the correlation with the template inside its brain mask (below
+   MIN_TEMPLATE_CORRELATION the scan failed: a gross misregistration or not a T1 brain), and the residual
+   misalignment: the head, resampled unmasked onto the QC_RESOLUTION_MM grid, is registered again to the
+   template, rigidly from the identity, and the mean displacement of the template brain's voxels is the
+   distance (mm) by which the output sits off the template. Above MAX_MISALIGNMENT_MM the scan gets a QC
+   warning: ``on_qc_warning`` "reject" (default) fails it, "flag" keeps it with the reason in
+   ``qc_warning``. Calibration: ``benchmarks/registration_qc.py``.
 
 A batch (``preprocess_datalist``) runs scans in worker processes and writes, under ``out_dir``:
 ``images/<scan>.nii.gz``, ``qc/<scan>.png`` and ``qc/<scan>.json``, ``qc.csv``, ``failures.csv`` and
 ``datalist.json`` (the input's splits, images replaced by the preprocessed volumes, failed scans left
-out). ``<scan>`` is the subject id, or ``<subject>_<image file stem>`` for subjects with several scans.
+out). A scan that registered but failed QC gets its picture too (``qc/<scan>.png``, named in
+failures.csv), so one can see why. ``<scan>`` is the subject id, or ``<subject>_<image file stem>`` for subjects with several scans.
 A scan counts as done when its volume exists; the volume is written last and atomically, so a crash
 never leaves a half-written one and a re-run redoes exactly the unfinished scans (and removes the
 temporary files of writes that were killed). An output folder that cannot be written, or whose disk is
@@ -46,7 +52,8 @@ from tqdm import tqdm
 from .datalist import read_datalist, write_datalist
 from .grid import Grid, canonical_grid, resample_to_grid
 from .qc import normalised_correlation, save_qc_picture
-from .registration import RegistrationError, correct_bias, register_to_template, use_itk_threads, voxel_sizes
+from .registration import (Registration, RegistrationError, correct_bias, mask_points_mm, register_to_template,
+                           rigid_misalignment_mm, use_itk_threads, voxel_sizes)
 from .validate import check_output_dir, lock_output_dir, remove_partial_writes
 from .volumes import InputError, atomic_path, load_volume, normalise_intensity, save_nifti
 
@@ -56,10 +63,16 @@ BRAIN_MARGIN_MM = 2.0
 # 0.26-0.37 with front and back swapped. 0.45 lies between. It catches gross failures, not small
 # misalignments: an aligned output shifted by 8 mm still scores 0.38-0.53.
 MIN_TEMPLATE_CORRELATION = 0.45
+# Residual misalignment above which a scan gets a QC warning. Calibrated with benchmarks/registration_qc.py
+# (30 simulated and 10 real IXI raw heads, registered, then moved by known errors): as registered they
+# measure 0.26-1.54 mm; moved by >= 6 mm or >= 6 degrees, 5.2 mm or more (measured - true: median 0.2 mm).
+MAX_MISALIGNMENT_MM = 3.0
+QC_RESOLUTION_MM = 4.0
+QC_WARNING_POLICIES = ("reject", "flag")
 DTYPES = {"float32": np.float32, "float16": np.float16}
-QC_COLUMNS = ("subject", "source", "output", "registration_metric", "template_correlation",
-              "brain_volume_ml", "seconds")
-FAILURE_COLUMNS = ("subject", "file", "reason")
+QC_COLUMNS = ("subject", "source", "output", "registration_metric", "template_correlation", "misalignment_mm",
+              "brain_volume_ml", "qc_warning", "seconds")
+FAILURE_COLUMNS = ("subject", "file", "reason", "qc_picture")
 
 
 @dataclass(frozen=True)
@@ -86,13 +99,25 @@ def template_on_grid(resolution: float) -> TemplateOnGrid:
     return TemplateOnGrid(grid=grid, image=image, brain=brain, mask=grown)
 
 
-def preprocess_volume(path: str | os.PathLike, resolution: float = 2.0) -> tuple[np.ndarray, dict]:
+class QCError(RegistrationError):
+    """The scan registered but failed QC; ``brain`` and ``qc`` are kept for its QC picture."""
+
+    def __init__(self, message: str, brain: np.ndarray, qc: dict) -> None:
+        super().__init__(message)
+        self.brain, self.qc = brain, qc
+
+
+def preprocess_volume(path: str | os.PathLike, resolution: float = 2.0,
+                      on_qc_warning: str = "reject") -> tuple[np.ndarray, dict]:
     """Preprocess one raw T1 head scan onto the canonical grid at ``resolution`` mm.
 
     Returns the brain volume (float32, grid shape, RAS) and a QC dict with ``registration_metric``,
-    ``template_correlation``, ``brain_volume_ml`` and ``seconds``. Raises InputError (RegistrationError
-    when alignment failed) naming the file.
+    ``template_correlation``, ``misalignment_mm``, ``brain_volume_ml``, ``qc_warning`` (empty, or why the
+    scan was flagged) and ``seconds``. Raises InputError naming the file: RegistrationError when alignment
+    failed, QCError when the scan failed QC (``on_qc_warning`` "reject" makes a QC warning one).
     """
+    if on_qc_warning not in QC_WARNING_POLICIES:
+        raise InputError(f"on_qc_warning must be one of {', '.join(QC_WARNING_POLICIES)}, not {on_qc_warning!r}")
     start = time.perf_counter()
     use_itk_threads()
     image = nib.as_closest_canonical(load_volume(path))
@@ -100,28 +125,53 @@ def preprocess_volume(path: str | os.PathLike, resolution: float = 2.0) -> tuple
         brain, qc = _preprocess_image(image, template_on_grid(resolution))
     except InputError as err:
         raise type(err)(f"{path}: {err}") from None
-    return brain, {**qc, "seconds": round(time.perf_counter() - start, 2)}
+    qc["seconds"] = round(time.perf_counter() - start, 2)
+    failure = qc_failure(qc, on_qc_warning)
+    if failure:
+        raise QCError(f"{path}: {failure}", brain, qc)
+    return brain, qc
 
 
-def _preprocess_image(image: nib.Nifti1Image, template: TemplateOnGrid) -> tuple[np.ndarray, dict]:
+def qc_failure(qc: dict, on_qc_warning: str = "reject") -> str:
+    """Why a scan with this QC record fails (empty when it passes)."""
+    if qc["template_correlation"] < MIN_TEMPLATE_CORRELATION:
+        return (f"registration failed: correlation with the template {qc['template_correlation']:.2f} is below "
+                f"{MIN_TEMPLATE_CORRELATION} (elastix metric {qc['registration_metric']:.3f})")
+    return qc["qc_warning"] if on_qc_warning == "reject" else ""
+
+
+def register_scan(image: nib.Nifti1Image) -> tuple[np.ndarray, np.ndarray, Registration]:
+    """Steps 2-3 of a RAS scan: the bias-corrected image, its voxel-to-template-world matrix, the registration."""
     data = np.clip(np.asarray(image.dataobj, dtype=np.float32), 0.0, None)
     corrected, head = correct_bias(data, voxel_sizes(image.affine))
     registration = register_to_template(corrected, image.affine, head)
     # voxel -> template world: follow the voxel into subject world, then back through the registration
-    in_template = np.linalg.inv(registration.matrix) @ image.affine
+    return corrected, np.linalg.inv(registration.matrix) @ image.affine, registration
+
+
+def _preprocess_image(image: nib.Nifti1Image, template: TemplateOnGrid) -> tuple[np.ndarray, dict]:
+    corrected, in_template, registration = register_scan(image)
     brain = normalise_intensity(resample_to_grid(corrected, in_template, template.grid), template.mask)
-    correlation = normalised_correlation(brain, template.image, template.brain)
-    if correlation < MIN_TEMPLATE_CORRELATION:
-        raise RegistrationError(
-            f"registration failed: correlation with the template {correlation:.2f} is below "
-            f"{MIN_TEMPLATE_CORRELATION} (elastix metric {registration.metric:.3f})")
+    misalignment = residual_misalignment_mm(corrected, in_template)
     voxel_ml = template.grid.resolution**3 / 1000.0
     return brain, {
         "registration_metric": round(registration.metric, 4),
-        "template_correlation": round(correlation, 4),
+        "template_correlation": round(normalised_correlation(brain, template.image, template.brain), 4),
+        "misalignment_mm": round(misalignment, 2),
         # the template brain's volume scaled by the registration: the subject's brain volume
         "brain_volume_ml": round(float(template.brain.sum() * voxel_ml * abs(np.linalg.det(registration.matrix))), 1),
+        "qc_warning": (f"residual misalignment {misalignment:.1f} mm is above {MAX_MISALIGNMENT_MM:g} mm "
+                       "(shifted or rotated off the template)") if misalignment > MAX_MISALIGNMENT_MM else "",
     }
+
+
+def residual_misalignment_mm(corrected: np.ndarray, in_template: np.ndarray) -> float:
+    """The head (``in_template``: voxel to template world) resampled unmasked onto the QC grid, registered
+    again to the template rigidly from the identity: how far (mm, mean over the template brain) it moves."""
+    qc = template_on_grid(QC_RESOLUTION_MM)
+    head = resample_to_grid(corrected, in_template, qc.grid)
+    return rigid_misalignment_mm(head, qc.image, qc.mask.astype(np.uint8), qc.grid.affine,
+                                 mask_points_mm(qc.brain, qc.grid.affine))
 
 
 @dataclass(frozen=True)
@@ -135,6 +185,7 @@ class ScanJob:
     qc_record: str
     resolution: float
     dtype: str
+    on_qc_warning: str = "reject"
 
 
 @dataclass
@@ -156,20 +207,22 @@ class BatchSummary:
 
 
 def preprocess_datalist(datalist: str | os.PathLike, out_dir: str | os.PathLike, resolution: float = 2.0,
-                        dtype: str = "float32", workers: int = 2) -> BatchSummary:
+                        dtype: str = "float32", workers: int = 2, on_qc_warning: str = "reject") -> BatchSummary:
     """Preprocess every scan of ``datalist`` into ``out_dir`` (layout in the module docstring).
 
     Scans whose volume already exists are not redone. A scan that fails (unreadable or unusable file,
-    failed registration, ...) is written to failures.csv and left out of the new datalist; the others
-    go on. Scans run in ``workers`` processes of one ITK thread each (see registration.ITK_THREADS).
+    failed registration or QC, ...) is written to failures.csv and left out of the new datalist; the
+    others go on. ``on_qc_warning`` "flag" keeps a scan with a QC warning (the reason in qc.csv's
+    ``qc_warning``) instead of failing it. Scans run in ``workers`` processes of one ITK thread each (see
+    registration.ITK_THREADS).
     """
     out_dir = Path(out_dir)
-    _check_options(resolution, dtype, workers)
+    _check_options(resolution, dtype, workers, on_qc_warning)
     splits = _read_splits(datalist)
     lock_output_dir(check_output_dir(out_dir))  # before removing partial writes: they may be another run's
     for folder in (out_dir, out_dir / "images", out_dir / "qc"):
         remove_partial_writes(folder)  # temporary files of writes that were killed
-    jobs = _scan_jobs(splits, out_dir, float(resolution), dtype)
+    jobs = _scan_jobs(splits, out_dir, float(resolution), dtype, on_qc_warning)
     finished = [job for job in jobs.values() if _is_done(job)]
     todo = [job for job in jobs.values() if job not in finished]
     summary = BatchSummary(out_dir=out_dir, resumed=[job.subject for job in finished])
@@ -187,7 +240,7 @@ def preprocess_datalist(datalist: str | os.PathLike, out_dir: str | os.PathLike,
 
 
 def preprocess_command(datalist: str, out_dir: str, resolution: float = 2.0, dtype: str = "float32",
-                       workers: int = 2) -> None:
+                       workers: int = 2, on_qc_warning: str = "reject") -> None:
     """Preprocess raw T1 head scans listed in a datalist onto the canonical grid.
 
     Args:
@@ -196,16 +249,19 @@ def preprocess_command(datalist: str, out_dir: str, resolution: float = 2.0, dty
         resolution: canonical grid voxel size in mm (1 -> 192^3, 2 -> 96^3, 4 -> 48^3).
         dtype: float32 or float16 output volumes.
         workers: parallel worker processes.
+        on_qc_warning: reject (default: a scan left shifted or rotated off the template fails, with its
+            reason and picture in failures.csv) or flag (it is kept; the reason goes to qc.csv's qc_warning).
 
     Prints a summary; exits with status 1 when any scan failed (the others are still written).
     """
-    summary = preprocess_datalist(datalist, out_dir, resolution=resolution, dtype=dtype, workers=workers)
+    summary = preprocess_datalist(datalist, out_dir, resolution=resolution, dtype=dtype, workers=workers,
+                                  on_qc_warning=on_qc_warning)
     print(summary)
     if summary.failures:
         raise SystemExit(1)
 
 
-def _check_options(resolution: float, dtype: str, workers: int) -> None:
+def _check_options(resolution: float, dtype: str, workers: int, on_qc_warning: str) -> None:
     try:
         canonical_grid(resolution)
     except ValueError as err:
@@ -214,6 +270,8 @@ def _check_options(resolution: float, dtype: str, workers: int) -> None:
         raise InputError(f"dtype {dtype!r} not supported; use one of {', '.join(DTYPES)}")
     if int(workers) < 1:
         raise InputError(f"workers must be at least 1, not {workers}")
+    if on_qc_warning not in QC_WARNING_POLICIES:
+        raise InputError(f"on_qc_warning must be one of {', '.join(QC_WARNING_POLICIES)}, not {on_qc_warning!r}")
 
 
 def _read_splits(datalist: str | os.PathLike) -> dict[str, list[dict]]:
@@ -229,7 +287,8 @@ def _read_splits(datalist: str | os.PathLike) -> dict[str, list[dict]]:
     return splits
 
 
-def _scan_jobs(splits: dict[str, list[dict]], out_dir: Path, resolution: float, dtype: str) -> dict[str, ScanJob]:
+def _scan_jobs(splits: dict[str, list[dict]], out_dir: Path, resolution: float, dtype: str,
+               on_qc_warning: str) -> dict[str, ScanJob]:
     """One job per distinct image, keyed by image path, named after the subject (and the file for
     subjects with several scans)."""
     images_of: dict[str, set[str]] = {}
@@ -246,7 +305,7 @@ def _scan_jobs(splits: dict[str, list[dict]], out_dir: Path, resolution: float, 
             jobs[image] = ScanJob(
                 subject=subject, source=image, output=str(out_dir / "images" / f"{name}.nii.gz"),
                 picture=str(out_dir / "qc" / f"{name}.png"), qc_record=str(out_dir / "qc" / f"{name}.json"),
-                resolution=resolution, dtype=dtype)
+                resolution=resolution, dtype=dtype, on_qc_warning=on_qc_warning)
     return jobs
 
 
@@ -293,22 +352,29 @@ def process_scan(job: ScanJob) -> dict | None:
     Every exception becomes a failure row: one bad scan must not stop a batch of thousands.
     """
     try:
-        brain, qc = preprocess_volume(job.source, job.resolution)
-        mask = template_on_grid(job.resolution).mask
-        save_qc_picture(brain, mask, job.picture,
-                        f"{job.subject}   r = {qc['template_correlation']:.2f}   {qc['brain_volume_ml']:.0f} ml")
+        brain, qc = preprocess_volume(job.source, job.resolution, job.on_qc_warning)
+        _picture(job, brain, qc)
         record = {"subject": job.subject, "source": job.source, "output": job.output, **qc}
         with atomic_path(job.qc_record) as tmp:
             tmp.write_text(json.dumps(record, indent=1) + "\n")
         save_nifti(brain, canonical_grid(job.resolution).affine, job.output, dtype=DTYPES[job.dtype])
+    except QCError as err:
+        _picture(job, err.brain, err.qc, "FAILED QC")
+        return {**_failure(job, err), "qc_picture": job.picture}
     except Exception as err:
         return _failure(job, err)
     return None
 
 
+def _picture(job: ScanJob, brain: np.ndarray, qc: dict, verdict: str = "") -> None:
+    title = (f"{job.subject}   r = {qc['template_correlation']:.2f}   off by {qc['misalignment_mm']:.1f} mm   "
+             f"{qc['brain_volume_ml']:.0f} ml   {verdict or ('QC WARNING' if qc['qc_warning'] else '')}")
+    save_qc_picture(brain, template_on_grid(job.resolution).mask, job.picture, title.strip())
+
+
 def _failure(job: ScanJob, err: Exception) -> dict:
     reason = str(err) if isinstance(err, InputError) else f"{type(err).__name__}: {err}"
-    return {"subject": job.subject, "file": job.source, "reason": " ".join(reason.split())}
+    return {"subject": job.subject, "file": job.source, "reason": " ".join(reason.split()), "qc_picture": ""}
 
 
 def _write_table(path: Path, rows: list[dict], columns: tuple[str, ...]) -> None:

@@ -10,7 +10,8 @@ from scipy import ndimage as ndi
 
 from data_prep.datalist import read_datalist, write_datalist
 from data_prep.grid import canonical_grid
-from data_prep.preprocess import MIN_TEMPLATE_CORRELATION, preprocess_command, preprocess_datalist, template_on_grid
+from data_prep.preprocess import (MAX_MISALIGNMENT_MM, MIN_TEMPLATE_CORRELATION, preprocess_command, preprocess_datalist,
+                                  qc_failure, residual_misalignment_mm, template_on_grid)
 from data_prep.qc import normalised_correlation
 from data_prep.volumes import InputError, normalise_intensity
 
@@ -66,6 +67,8 @@ def test_ixi_qc_table_and_new_datalist(ixi_run):
     assert (qc["template_correlation"] > MIN_TEMPLATE_CORRELATION).all()
     assert (qc["registration_metric"] < -0.2).all()  # good fits scored about -0.26, failed ones -0.10
     assert qc["brain_volume_ml"].between(1000, 2200).all()
+    # registered well: the QC re-registration moves them by a fraction of a voxel, and flags neither
+    assert (qc["misalignment_mm"] < MAX_MISALIGNMENT_MM / 2).all() and qc["qc_warning"].isna().all()
     assert (qc["seconds"] > 0).all()
     assert pd.read_csv(out / "failures.csv").empty
     before, after = read_datalist(raw), read_datalist(out / "datalist.json")
@@ -112,7 +115,6 @@ EXPECTED_REASONS = {"four_d": "3 volumes", "two_d": "not a 3D volume", "nan_voxe
                     "constant": "empty", "truncated": "not a readable NIfTI"}
 
 
-@pytest.mark.slow
 def _not_a_brain(folder):
     """A readable 3D volume that is no head: a bright cube. It registers, badly (correlation about 0.34)."""
     cube = np.zeros((60, 60, 60), np.float32)
@@ -123,6 +125,7 @@ def _not_a_brain(folder):
     return path
 
 
+@pytest.mark.slow
 def test_bad_inputs_fail_alone_and_the_command_exits_non_zero(ixi_sample, tmp_path, capsys):
     files = {**_bad_inputs(tmp_path), "not_a_brain": _not_a_brain(tmp_path)}
     good = "IXI015-HH-1258"
@@ -139,6 +142,10 @@ def test_bad_inputs_fail_alone_and_the_command_exits_non_zero(ixi_sample, tmp_pa
     for name, reason in {**EXPECTED_REASONS, "not_a_brain": "registration failed: correlation"}.items():
         assert reason in failures.loc[name, "reason"]
         assert failures.loc[name, "file"] == str(files[name])
+    # the scan that registered but failed QC has its picture, to see why; the unreadable ones have none
+    assert failures.loc["not_a_brain", "qc_picture"] == str(out / "qc" / "not_a_brain.png")
+    assert (out / "qc" / "not_a_brain.png").read_bytes()[:4] == b"\x89PNG"
+    assert failures.drop(index="not_a_brain")["qc_picture"].isna().all()
     assert nib.load(out / "images" / f"{good}.nii.gz").shape == canonical_grid(RESOLUTION).shape
     kept = [rec["subject"] for recs in read_datalist(out / "datalist.json").values() for rec in recs]
     assert kept == [good]
@@ -184,6 +191,39 @@ def test_bad_options_are_input_errors(tmp_path, option, message):
 def test_missing_datalist_is_an_input_error(tmp_path):
     with pytest.raises(InputError, match="raw.json: datalist not found"):
         preprocess_datalist(tmp_path / "raw.json", tmp_path / "out")
+
+
+def _moved(degrees_about_z: float, shift_mm) -> np.ndarray:
+    """A rigid move of template space about the template brain's centre."""
+    template = template_on_grid(4.0)
+    centre = template.grid.world_coordinates()[:, template.brain].mean(axis=1)
+    angle = np.deg2rad(degrees_about_z)
+    move = np.eye(4)
+    move[:2, :2] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
+    move[:3, 3] = centre - move[:3, :3] @ centre + np.asarray(shift_mm, float)
+    return move
+
+
+@pytest.mark.parametrize("degrees, shift_mm, low, high", [(0, (0, 0, 0), 0.0, 0.8), (0, (0, 8, 0), 7.0, 9.0),
+                                                          (0, (5, 0, -5), 6.0, 8.2), (8, (0, 0, 0), 4.5, 7.5)])
+def test_residual_misalignment_measures_how_far_a_head_sits_off_the_template(degrees, shift_mm, low, high):
+    """The template head itself, placed exactly, shifted or rotated about z: the QC re-registration gives
+    the mean displacement of the brain (8 degrees about the brain's centre move it about 6 mm)."""
+    from nilearn import datasets
+
+    head = datasets.load_mni152_template(resolution=2)
+    data = np.asarray(head.dataobj, dtype=np.float32)
+    assert low <= residual_misalignment_mm(data, _moved(degrees, shift_mm) @ head.affine) <= high
+
+
+def test_qc_warnings_fail_a_scan_or_flag_it_as_chosen():
+    good = {"template_correlation": 0.7, "registration_metric": -0.3, "qc_warning": ""}
+    shifted = {**good, "qc_warning": "residual misalignment 7.0 mm is above 3 mm"}
+    assert qc_failure(good) == qc_failure(good, "flag") == ""
+    assert qc_failure(shifted) == shifted["qc_warning"] and qc_failure(shifted, "flag") == ""
+    assert "registration failed" in qc_failure({**good, "template_correlation": 0.2}, "flag")
+    with pytest.raises(InputError, match="on_qc_warning"):
+        preprocess_datalist("raw.json", "out", on_qc_warning="ignore")
 
 
 def test_normalisation_scales_the_brain_and_zeroes_the_rest():
