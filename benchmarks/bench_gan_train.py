@@ -55,8 +55,9 @@ BASELINE = "eager_fp32"
 class Runner:
     """One variant's three networks and two optimisers, started from the same weights."""
 
-    def __init__(self, variant: Variant, widths: dict, size: int, state: dict | None) -> None:
-        self.variant = variant
+    def __init__(self, variant: Variant, widths: dict, size: int, state: dict | None,
+                 device: str | torch.device = "cpu") -> None:
+        self.variant, self.device = variant, torch.device(device)
         self.generator = TGBGenerator(1, widths["encoder"], widths["decoder"])
         self.critic = WGANCritic(1, widths["critic"])
         self.branch = (AgeCNN3d(1, widths["branch"], init_bias=50.0, output_scale=18.0) if widths["hidden"] is None
@@ -65,9 +66,8 @@ class Runner:
         if state is not None:
             for net, weights in zip(self.nets, state):
                 net.load_state_dict(weights)
-        if variant.channels_last:
-            for net in self.nets:
-                net.to(memory_format=torch.channels_last_3d)
+        for net in self.nets:
+            net.to(self.device, memory_format=torch.channels_last_3d if variant.channels_last else torch.preserve_format)
         self.g_forward = torch.compile(self.generator) if variant.compile else self.generator
         self.b_forward = torch.compile(self.branch) if variant.compile else self.branch
         self.g_opt = torch.optim.Adam([*self.generator.parameters(), *self.branch.parameters()], lr=1e-4)
@@ -79,7 +79,7 @@ class Runner:
         return tuple(net.state_dict() for net in self.nets)
 
     def _autocast(self):
-        return torch.autocast("cpu", dtype=self.variant.autocast, enabled=self.variant.autocast is not None)
+        return torch.autocast(self.device.type, dtype=self.variant.autocast, enabled=self.variant.autocast is not None)
 
     def train_step(self, real: torch.Tensor, age: torch.Tensor) -> None:
         if self.variant.channels_last:

@@ -59,10 +59,12 @@ DEFAULT_PATH = "eager_fp32"  # the bundle's train.json: compile false, AMP on CU
 class Runner:
     """One variant's model, optimiser and compiled callables; the step mirrors SupervisedTrainer's."""
 
-    def __init__(self, variant: Variant, size: int) -> None:
-        self.variant = variant
+    def __init__(self, variant: Variant, size: int | tuple[int, int, int], device: str | torch.device = "cpu") -> None:
+        self.variant, self.device = variant, torch.device(device)
         torch.manual_seed(0)  # the same start for variants of the same architecture
-        self.model = SliceSetNet(spatial_shape=(size,) * 3, init_bias=50.0, **{**BUNDLE_NET, **variant.net_options})
+        shape = (size,) * 3 if isinstance(size, int) else tuple(size)
+        self.model = SliceSetNet(spatial_shape=shape, init_bias=50.0,
+                                 **{**BUNDLE_NET, **variant.net_options}).to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-4, weight_decay=1e-4)
         self.forward = torch.compile(self.model) if variant.compile else self.model
         self.peak_rss = 0
@@ -70,7 +72,7 @@ class Runner:
     def _predict(self, x: torch.Tensor) -> torch.Tensor:
         if self.variant.autocast is None:
             return self.forward(x)
-        with torch.autocast("cpu", dtype=self.variant.autocast):
+        with torch.autocast(self.device.type, dtype=self.variant.autocast):
             return self.forward(x).float()
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:

@@ -34,13 +34,14 @@ def batch_norm_layers(network: nn.Module) -> list[_BatchNorm]:
 
 @torch.no_grad()
 def recompute_batch_norm_statistics(network: nn.Module, images: Iterable[torch.Tensor],
-                                    autocast_device: str | None = None, inferer: Callable | None = None) -> int:
+                                    autocast_device: str | None = None, inferer: Callable | None = None,
+                                    autocast_dtype: torch.dtype | None = None) -> int:
     """Replace the running statistics of ``network``'s batch-norm layers by their average over the batches
     of ``images`` (each a network input), computed with the current weights; return the number of batches.
 
     ``inferer(images, network)`` runs the forward pass when given (the training inferer, so that the
-    statistics come from the same computation as in training), under CUDA autocast when
-    ``autocast_device`` is "cuda". Leaves the network in eval mode. A network without batch norm is left
+    statistics come from the same computation as in training), under CUDA autocast (``autocast_dtype``,
+    float16 when None) when ``autocast_device`` is "cuda". Leaves the network in eval mode. A network without batch norm is left
     as it is (0 batches)."""
     network = unwrap(network)
     layers = batch_norm_layers(network)
@@ -55,7 +56,7 @@ def recompute_batch_norm_statistics(network: nn.Module, images: Iterable[torch.T
     count = 0
     try:
         for batch in images:
-            with torch.autocast(autocast_device or "cpu", enabled=autocast_device is not None):
+            with torch.autocast(autocast_device or "cpu", dtype=autocast_dtype, enabled=autocast_device is not None):
                 inferer(batch, network) if inferer is not None else network(batch)
             count += 1
     finally:
@@ -88,12 +89,13 @@ class PreciseBatchNorm:
         interval: epochs between recomputations (the validation interval).
         device: where inputs go.
         amp: run the forward passes under CUDA autocast, as training does (ignored off CUDA).
+        amp_kwargs: the trainer's autocast arguments (``{"dtype": torch.bfloat16}``), so both match.
         inferer: the training inferer (``inferer(inputs, network)``); None for a plain forward pass.
     """
 
     def __init__(self, network: nn.Module, data_loader: Iterable, prepare_batch: Callable,
                  num_batches: int | None = 16, interval: int = 1, device: str | torch.device = "cpu",
-                 amp: bool = False, inferer: Callable | None = None) -> None:
+                 amp: bool = False, inferer: Callable | None = None, amp_kwargs: dict | None = None) -> None:
         if num_batches is not None and int(num_batches) < 0:
             raise ValueError(f"num_batches must be >= 0 or None, got {num_batches}")
         if int(interval) < 1:
@@ -104,6 +106,7 @@ class PreciseBatchNorm:
         self.device = torch.device(device)
         self.autocast_device = "cuda" if amp and self.device.type == "cuda" else None
         self.inferer = inferer
+        self.autocast_dtype = (amp_kwargs or {}).get("dtype")
 
     def attach(self, engine: Engine) -> None:
         if self.num_batches == 0:
@@ -118,4 +121,5 @@ class PreciseBatchNorm:
     def __call__(self, engine: Engine | None = None) -> int:
         batches = itertools.islice(self.data_loader, self.num_batches)
         images = (self.prepare_batch(batch, self.device)[0] for batch in batches)
-        return recompute_batch_norm_statistics(self.network, images, self.autocast_device, self.inferer)
+        return recompute_batch_norm_statistics(self.network, images, self.autocast_device, self.inferer,
+                                               self.autocast_dtype)
