@@ -150,7 +150,12 @@ def register_scan(image: nib.Nifti1Image) -> tuple[np.ndarray, np.ndarray, Regis
 
 
 def _preprocess_image(image: nib.Nifti1Image, template: TemplateOnGrid) -> tuple[np.ndarray, dict]:
-    corrected, in_template, registration = register_scan(image)
+    return brain_and_qc(*register_scan(image), template)
+
+
+def brain_and_qc(corrected: np.ndarray, in_template: np.ndarray, registration: Registration,
+                 template: TemplateOnGrid) -> tuple[np.ndarray, dict]:
+    """Steps 4-6 of a registered scan: its brain on the template's grid and its QC record."""
     brain = normalise_intensity(resample_to_grid(corrected, in_template, template.grid), template.mask)
     misalignment = residual_misalignment_mm(corrected, in_template)
     voxel_ml = template.grid.resolution**3 / 1000.0

@@ -29,6 +29,7 @@ import json
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,7 @@ from .validate import check_output_dir
 from .effects import (AD_SEVERITY_RANGE, DISPLACEMENT_SD_MM, SITE_EFFECT_LOG_SD, Lattice, Site, SubjectFields, SubjectParams,
                       coarse_lattice, draw_fields, draw_site, draw_subject, lesion_load, rician, template_points,
                       tissue_image, undo_pose, upsample, ventricle_expansion, world_to_voxel)
-from .grid import CENTRE_MM
+from .grid import CENTRE_MM, Grid
 from .ingest import ingest_bids
 from .volumes import InputError, atomic_path, normalise_intensity, save_nifti
 
@@ -281,39 +282,85 @@ def displacement_at(lattice: Lattice, fields: SubjectFields, points: np.ndarray)
 # ------------------------------------------------------------------------------------------ raw variants
 
 
-def raw_geometry(resolution: float) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """Affine and shape of the native scanner grid: P, S, R voxel axes, centred on the grid centre."""
+def raw_geometry(resolution: float, centre_shift_mm=(0.0, 0.0, 0.0)) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """Affine and shape of the native scanner grid: P, S, R voxel axes, centred on the grid centre moved
+    by ``centre_shift_mm`` (RAS; e.g. (0, 0, -40) takes the field of view down over the neck)."""
     voxel = np.asarray(RAW_VOXEL_FACTORS) * resolution
     shape = tuple(int(round(f / v)) for f, v in zip(RAW_FIELD_OF_VIEW_MM, voxel))
     axes = np.array([[0.0, -1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]).T  # columns: P, S, R in RAS
     affine = np.eye(4)
     affine[:3, :3] = axes * voxel
-    affine[:3, 3] = np.asarray(CENTRE_MM) - affine[:3, :3] @ ((np.asarray(shape) - 1) / 2)
+    affine[:3, 3] = np.asarray(CENTRE_MM) + np.asarray(centre_shift_mm) - affine[:3, :3] @ ((np.asarray(shape) - 1) / 2)
     return affine, shape
 
 
-def render_raw(anatomy: Anatomy, subject: Subject, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """The subject as scanned: (int16 data, affine) on the native grid, the head at a random pose, with
-    bias field and Rician noise everywhere, in scanner units; not skull-stripped (there is no skull)."""
-    affine, shape = raw_geometry(anatomy.grid.resolution)
+@dataclass(frozen=True)
+class HeadPose:
+    """A head's pose in the scanner: scaled by ``scale`` and rotated by ``degrees`` (about x, y, z) about
+    the grid centre, then shifted by ``shift_mm``."""
+
+    scale: float = 1.0
+    degrees: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    shift_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+
+def render_raw(anatomy: Anatomy, subject: Subject, rng: np.random.Generator, pose: HeadPose | None = None,
+               centre_shift_mm=(0.0, 0.0, 0.0), head: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The subject as scanned: (int16 data, affine) on the native grid, the head at ``pose`` (default: a
+    random one of RAW_ROTATION_SD_DEG and RAW_TRANSLATION_SD_MM), with bias field and Rician noise
+    everywhere, in scanner units. With ``head`` the brain sits in CSF, skull, marrow and scalp, over a neck
+    (``head_tissues``); without, there is nothing outside the brain."""
+    affine, shape = raw_geometry(anatomy.grid.resolution, centre_shift_mm)
     scanner = affine[:3, :3] @ np.indices(shape).reshape(3, -1) + affine[:3, 3:]
-    head = undo_head_pose(scanner, rng)
+    if pose is None:
+        pose = HeadPose(1.0, tuple(rng.normal(0.0, RAW_ROTATION_SD_DEG, 3)), tuple(rng.normal(0.0, RAW_TRANSLATION_SD_MM, 3)))
+    head_points = undo_pose(scanner, pose.scale, pose.degrees, pose.shift_mm)
     lattice = coarse_lattice(anatomy.grid)
-    source = template_points(anatomy, head, subject.params, displacement_at(lattice, subject.fields, head))
+    source = template_points(anatomy, head_points, subject.params, displacement_at(lattice, subject.fields, head_points))
     index = world_to_voxel(anatomy.grid, source)
     site = subject.site
     tissues = tissue_image(anatomy, subject.params, site, subject.fields)
     bias = np.exp(site.bias * lattice.sample(subject.fields.log_bias, scanner))
-    signal = ndi.map_coordinates(tissues, index, order=1) * bias * site.scale
-    data = rician(signal, site.noise * site.scale, rng).reshape(shape)
+    signal = ndi.map_coordinates(tissues, index, order=1)
+    if head:
+        signal = signal + head_tissues(anatomy, source) * (1.0 - ndi.map_coordinates(anatomy.brain, index, order=1))
+    data = rician(signal * bias * site.scale, site.noise * site.scale, rng).reshape(shape)
     return np.round(data).astype(np.int16), affine
 
 
-def undo_head_pose(scanner: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Head (subject) coordinates of scanner points (3, N) for a random head rotation and shift."""
-    degrees = rng.normal(0.0, RAW_ROTATION_SD_DEG, 3)
-    shift = rng.normal(0.0, RAW_TRANSLATION_SD_MM, 3)
-    return undo_pose(scanner, 1.0, degrees, shift)
+# Tissue outside the brain by distance (mm) from the template brain, as T1 intensity (white matter 1):
+# CSF, skull's inner table, marrow, outer table, scalp fat, skin and muscle; below NECK_TOP_MM an elliptic
+# neck (NECK_RADII_MM about NECK_CENTRE_MM, x and y) of muscle with a fat rim.
+HEAD_LAYERS = ((3.0, 0.33), (5.0, 0.05), (8.0, 0.55), (10.0, 0.05), (15.0, 1.1), (17.0, 0.5))
+NECK_TOP_MM, NECK_CENTRE_MM, NECK_RADII_MM, NECK_FAT_MM = -45.0, (0.0, -20.0), (55.0, 60.0), 6.0
+HEAD_PAD_MM = 30.0
+
+
+def head_tissues(anatomy: Anatomy, points: np.ndarray) -> np.ndarray:
+    """T1 intensity of the head outside the brain at template points (3, N) (see HEAD_LAYERS)."""
+    distance, grid = _brain_distance(anatomy.grid.resolution)
+    outside = ndi.map_coordinates(distance, world_to_voxel(grid, points).reshape(3, -1), order=1, cval=1e3)
+    edges = np.array([edge for edge, _ in HEAD_LAYERS])
+    values = np.array([value for _, value in HEAD_LAYERS] + [0.0], dtype=np.float32)
+    signal = values[np.searchsorted(edges, outside)] * (outside > 0)
+    x, y, z = points.reshape(3, -1)
+    radius = np.hypot((x - NECK_CENTRE_MM[0]) / NECK_RADII_MM[0], (y - NECK_CENTRE_MM[1]) / NECK_RADII_MM[1])
+    neck = (z < NECK_TOP_MM) & (radius <= 1.0) & (outside > edges[-1])
+    rim = radius > 1.0 - NECK_FAT_MM / min(NECK_RADII_MM)
+    signal[neck] = np.where(rim[neck], 1.0, 0.45)
+    return signal.astype(np.float32)
+
+
+@lru_cache(maxsize=2)
+def _brain_distance(resolution: float) -> tuple[np.ndarray, Grid]:
+    """Distance (mm) from the template brain on the canonical grid padded by HEAD_PAD_MM on every side."""
+    anatomy = template_anatomy(resolution)
+    pad = int(round(HEAD_PAD_MM / resolution))
+    brain = np.pad(anatomy.brain > BRAIN_THRESHOLD, pad)
+    affine = anatomy.grid.affine.copy()
+    affine[:3, 3] -= pad * resolution
+    grid = Grid(resolution=resolution, shape=brain.shape, affine=affine)
+    return ndi.distance_transform_edt(~brain, sampling=resolution).astype(np.float32), grid
 
 
 def write_raw_variant(raw_root: Path, subject: Subject, anatomy: Anatomy, seed: int) -> Path:

@@ -20,7 +20,7 @@ from data_prep.anatomy import template_anatomy
 from data_prep.datalist import SPLITS, read_datalist
 from data_prep.effects import MAX_VENTRICLE_EXPANSION_MM, ventricle_pullback
 from data_prep.grid import canonical_grid
-from data_prep.simulate import simulate_cohort
+from data_prep.simulate import CohortConfig, HeadPose, render_raw, simulate_cohort, simulate_subjects
 from data_prep.volumes import InputError
 
 RESOLUTION = 4.0
@@ -237,6 +237,32 @@ def test_raw_variant_is_in_native_scanner_space(cohort):
     centre = tuple(s // 2 for s in data.shape)
     assert data[centre] > 5 * np.median(data[:3, :3, :3])
     assert list(pd.read_csv(cohort["out"] / "raw" / "participants.tsv", sep="\t").participant_id) == ["sub-0001"]
+
+
+def test_raw_head_has_skull_scalp_and_a_neck_in_a_lowered_field_of_view():
+    """``render_raw(head=True)``: around the brain a dark skull and a bright scalp, below it a neck when the
+    field of view goes down; without ``head`` nothing but noise outside the brain."""
+    anatomy = template_anatomy(RESOLUTION)
+    subject = next(simulate_subjects(CohortConfig(n=3, resolution=RESOLUTION, seed=SEED).check(), anatomy))
+    pose = HeadPose(1.0, (0.0, 0.0, 0.0), (0.0, 0.0, 0.0))
+    def rendered(head, shift):
+        data, affine = render_raw(anatomy, subject, np.random.default_rng(0), pose, shift, head=head)
+        image = nib.as_closest_canonical(nib.Nifti1Image(data.astype(np.float32), affine))
+        return image.get_fdata(dtype=np.float32), image.affine
+    bare, _ = rendered(False, (0.0, 0.0, 0.0))
+    head, affine = rendered(True, (0.0, 0.0, 0.0))
+    low, low_affine = rendered(True, (0.0, 0.0, -40.0))
+    # up a vertical line through the top of the head (x = 0, y = -17 mm): brain, a dark skull, a bright scalp, air
+    i, j, _ = (np.linalg.inv(affine) @ [0.0, -17.0, 0.0, 1.0])[:3].round().astype(int)
+    line = head[i, j, :] / head.max()
+    scalp = np.nonzero(line > 0.6)[0].max()
+    assert line[scalp + 3:].max() < 0.2  # air above
+    below = line[scalp - 6:scalp]
+    assert below.min() < 0.3 and (line[: scalp - 6] > 0.6).any()  # skull between scalp and brain
+    assert (bare[i, j, :] / bare.max())[scalp - 3:].max() < 0.2  # no head without head=True
+    # a field of view lowered by 40 mm reaches 120 mm below the centre, and shows the neck there
+    z_low = int((np.linalg.inv(low_affine) @ [0.0, -20.0, -120.0, 1.0])[2].round())
+    assert z_low >= 0 and np.mean(low[:, :, z_low] > 0.3 * low.max()) > 0.05
 
 
 # --------------------------------------------------------------------------------------------- errors
