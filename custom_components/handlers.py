@@ -56,7 +56,7 @@ class BrainAgeReport(EpochCollector):
 
     Writes ``<prefix>predictions.csv`` (subject, age, predicted age, gap, bias-corrected gap),
     ``<prefix>metrics.json`` (MAE, RMSE, Pearson r, R^2), a predicted-vs-true scatter and a gap-vs-age
-    plot, and puts r, R^2 and RMSE into ``engine.state.metrics`` for the stats handlers. With
+    plot (every ``plot_interval``-th report: drawing them costs about half a second), and puts r, R^2 and RMSE into ``engine.state.metrics`` for the stats handlers. With
     ``fit_bias_correction`` it first refits ``bias_correction`` on this epoch (the validation set), so a
     checkpoint saved afterwards carries the correction that matches its weights. Subjects without a
     known age (plain inference) get a predicted age and empty gap columns.
@@ -68,8 +68,9 @@ class BrainAgeReport(EpochCollector):
 
     def __init__(self, output_dir, bias_correction: BiasCorrection | None = None, fit_bias_correction: bool = False,
                  prefix: str = "", subject_key: str = "subject", age_key: str = "age", pred_key: str = "pred",
-                 plots: bool = True) -> None:
+                 plots: bool = True, plot_interval: int = 1) -> None:
         self.output_dir = Path(output_dir)
+        self.plot_every = PlotInterval(plot_interval)
         self.bias_correction = bias_correction if bias_correction is not None else BiasCorrection()
         self.fit_bias_correction = fit_bias_correction
         self.prefix, self.plots = prefix, plots
@@ -112,9 +113,26 @@ class BrainAgeReport(EpochCollector):
         write_csv(self.output_dir / f"{self.prefix}predictions.csv", rows)
         with atomic_path(self.output_dir / f"{self.prefix}metrics.json") as tmp, open(tmp, "w") as handle:
             json.dump(metrics, handle, indent=1)
-        if self.plots and known.sum() >= 2:
+        if self.plots and self.plot_every.due() and known.sum() >= 2:
             plot_predicted_vs_true(ages[known], preds[known], self.output_dir / f"{self.prefix}scatter.png")
             plot_gap_vs_age(ages[known], gap[known], corrected[known], self.output_dir / f"{self.prefix}gap_vs_age.png")
+
+
+def checked_interval(interval) -> int:
+    if int(interval) < 1:
+        raise ValueError(f"plot_interval must be >= 1, got {interval}")
+    return int(interval)
+
+
+class PlotInterval:
+    """Counts reports; ``due()`` is true on every ``interval``-th one."""
+
+    def __init__(self, interval: int = 1) -> None:
+        self.interval, self.count = checked_interval(interval), 0
+
+    def due(self) -> bool:
+        self.count += 1
+        return self.count % self.interval == 0
 
 
 def _fmt(value: float) -> str:
@@ -133,14 +151,16 @@ class DetectionReport(EpochCollector):
     """Collect the AD probabilities of an evaluation epoch and report them: ``<prefix>detection.csv``
     (subject, label, probability, predicted label), ``<prefix>detection_metrics.json`` (ROC AUC with its
     bootstrap 95 % interval, accuracy, balanced accuracy, sensitivity, specificity at ``threshold``) and a
-    ROC plot; AUC interval bounds go into ``engine.state.metrics``. Expects decollated output whose
+    ROC plot (every ``plot_interval``-th report); AUC interval bounds go into ``engine.state.metrics``. Expects decollated output whose
     ``pred_key`` is the probability (the evaluator's sigmoid postprocessing). Attach on every rank under
     DDP (it gathers); only rank 0 writes.
     """
 
     def __init__(self, output_dir, threshold: float = 0.5, prefix: str = "", subject_key: str = "subject",
-                 label_key: str = "label", pred_key: str = "pred", n_boot: int = 2000, seed: int = 0) -> None:
+                 label_key: str = "label", pred_key: str = "pred", n_boot: int = 2000, seed: int = 0,
+                 plot_interval: int = 1) -> None:
         self.output_dir, self.threshold, self.prefix = Path(output_dir), float(threshold), prefix
+        self.plot_every = PlotInterval(plot_interval)
         self.subject_key, self.label_key, self.pred_key = subject_key, label_key, pred_key
         self.n_boot, self.seed = int(n_boot), int(seed)
         self._subjects: list[str] = []
@@ -169,7 +189,7 @@ class DetectionReport(EpochCollector):
         write_csv(self.output_dir / f"{self.prefix}detection.csv", rows)
         with atomic_path(self.output_dir / f"{self.prefix}detection_metrics.json") as tmp, open(tmp, "w") as handle:
             json.dump(metrics, handle, indent=1)
-        if 0 < labels.sum() < labels.size:
+        if self.plot_every.due() and 0 < labels.sum() < labels.size:
             plot_roc(labels, probabilities, metrics, self.output_dir / f"{self.prefix}roc.png")
 
 
@@ -226,13 +246,17 @@ class LearningCurve(EpochCollector):
         metrics: names in ``evaluator.state.metrics`` to record (e.g. val_mae, val_pearson_r).
         optimizer: record its first parameter group's learning rate (optional).
         loss_transform: the training loss of an iteration from ``engine.state.output``.
+        plot_interval: draw the plot every this many epochs and after the last (the CSV is written every
+            epoch); drawing takes most of a second, a large share of a GPU epoch.
     """
 
     def __init__(self, output_dir, evaluator: Engine | None = None, metrics=("val_mae", "val_pearson_r"),
-                 optimizer: torch.optim.Optimizer | None = None, loss_transform=None, prefix: str = "") -> None:
+                 optimizer: torch.optim.Optimizer | None = None, loss_transform=None, prefix: str = "",
+                 plot_interval: int = 1) -> None:
         self.path = Path(output_dir) / f"{prefix}learning_curve.csv"
         self.evaluator, self.metrics, self.optimizer = evaluator, tuple(metrics), optimizer
         self.loss_transform = loss_transform or from_engine(["loss"], first=True)
+        self.plot_interval = checked_interval(plot_interval)
         self._losses: list[float] = []
 
     def _reset(self, engine: Engine) -> None:
@@ -254,7 +278,8 @@ class LearningCurve(EpochCollector):
         earlier = [{key: r.get(key, "") for key in row} for r in self._earlier_rows() if int(r["epoch"]) < epoch]
         rows = earlier + [row]
         write_csv(self.path, rows)
-        plot_learning_curve(rows, self.path.with_suffix(".png"))
+        if epoch % self.plot_interval == 0 or epoch == engine.state.max_epochs:
+            plot_learning_curve(rows, self.path.with_suffix(".png"))
 
     def _earlier_rows(self) -> list[dict]:
         if not self.path.is_file():

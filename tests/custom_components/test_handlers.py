@@ -7,6 +7,7 @@ import torch
 from ignite.engine import Engine
 
 from custom_components.brain_age import BiasCorrection
+from custom_components import handlers
 from custom_components.handlers import BrainAgeReport
 
 
@@ -49,3 +50,25 @@ def test_report_without_ages_keeps_predictions_and_stored_correction(tmp_path):
     assert rows[0]["brain_age_gap"] == "" and rows[2]["brain_age_gap"] == "-8.000"
     assert float(rows[2]["corrected_gap"]) == pytest.approx(-8.0 - (float(bc.slope) * 50 + float(bc.intercept)), abs=1e-3)
     assert not (tmp_path / "scatter.png").exists()  # a single known age: nothing to plot
+
+
+def test_plots_are_drawn_every_plot_interval_and_after_the_last_epoch(tmp_path, monkeypatch):
+    """Tables every epoch, figures on the interval (and the learning curve after the last epoch too)."""
+    drawn = []
+    monkeypatch.setattr(handlers, "plot_learning_curve", lambda rows, path: drawn.append(("curve", len(rows))))
+    monkeypatch.setattr(handlers, "plot_predicted_vs_true", lambda *args: drawn.append(("scatter", None)))
+    trainer = Engine(lambda engine, batch: [{"loss": torch.tensor(1.0)}])
+    handlers.LearningCurve(tmp_path, plot_interval=2).attach(trainer)
+    trainer.run([0, 1], max_epochs=5)
+    assert drawn == [("curve", 2), ("curve", 4), ("curve", 5)]
+    assert len(list(csv.DictReader(open(tmp_path / "learning_curve.csv")))) == 5
+
+    drawn.clear()
+    evaluator, batches = _engine(list(np.linspace(20, 90, 8)), lambda a: a)
+    report = BrainAgeReport(tmp_path, prefix="val_", plot_interval=3)
+    report.attach(evaluator)
+    for _ in range(6):
+        evaluator.run(batches)
+    assert drawn == [("scatter", None)] * 2
+    with pytest.raises(ValueError, match="plot_interval"):
+        handlers.LearningCurve(tmp_path, plot_interval=0)
