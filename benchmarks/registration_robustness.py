@@ -3,8 +3,9 @@
 Simulated raw heads (``--n``): the simulator's subjects (ageing and atrophy as in the cohort) rendered as
 scanner images with skull, scalp and neck (``simulate.render_raw(head=True)``), at a random pose (rotation
 of up to ``--max_degrees`` about a random axis, shift of up to ``--max_shift_mm``, head scale within
-``--max_scale``), the field of view over the neck for every other head and above it for the rest, with
-bias field and noise. The truth is the pose composed with the subject's own head size and placement.
+``--max_scale``), with bias field and noise. The field of view follows the head's position, as a scanner
+operator places it: for every other head a tall one that takes in the neck (NECK_FIELD_OF_VIEW_MM,
+lowered by 20 mm), for the rest the simulator's, raised by 10 mm (no neck). The truth is the pose composed with the subject's own head size and placement.
 Real raw heads (``--real``): each registered as it is, then again after a random rigid pose written into
 its header; the truth of the posed scan is the pose applied to the first registration.
 
@@ -34,10 +35,12 @@ from data_prep.grid import CENTRE_MM  # noqa: E402
 from data_prep.preprocess import (MAX_MISALIGNMENT_MM, MIN_TEMPLATE_CORRELATION, brain_and_qc,  # noqa: E402
                                   register_scan, template_on_grid)
 from data_prep.registration import use_itk_threads  # noqa: E402
-from data_prep.simulate import CohortConfig, HeadPose, render_raw, simulate_subjects  # noqa: E402
+from data_prep.simulate import (RAW_FIELD_OF_VIEW_MM, CohortConfig, HeadPose, render_raw,  # noqa: E402
+                                simulate_subjects)
 from data_prep.volumes import load_volume  # noqa: E402
 
 QC_GRID_MM = 4.0
+NECK_FIELD_OF_VIEW_MM = (240.0, 256.0, 180.0)  # P, S, R
 
 
 def pose_matrix(scale: float, degrees, shift_mm) -> np.ndarray:
@@ -104,7 +107,9 @@ def simulated_heads(args, out: Path) -> list[dict]:
             rng = np.random.default_rng([args.seed, 7, index])
             pose = random_pose(rng, args.max_degrees, args.max_shift_mm, args.max_scale)
             neck = index % 2 == 0
-            data, affine = render_raw(anatomy, subject, rng, pose, (0.0, 0.0, -40.0 if neck else 10.0), head=True)
+            place = np.asarray(pose.shift_mm) + (0.0, 0.0, -20.0 if neck else 10.0)
+            data, affine = render_raw(anatomy, subject, rng, pose, place, NECK_FIELD_OF_VIEW_MM if neck else RAW_FIELD_OF_VIEW_MM,
+                                      head=True)
             p = subject.params
             truth = pose_matrix(pose.scale, pose.degrees, pose.shift_mm) @ pose_matrix(p.head_scale, p.rotation_deg, p.translation_mm)
             found, qc = register(nib.Nifti1Image(data, affine))

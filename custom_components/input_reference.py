@@ -94,12 +94,14 @@ class InputReference(nn.Module):
         return self
 
     def fit_or_load(self, records: Sequence[dict], loading: Callable[[dict], dict], path: str | os.PathLike,
-                    image_key: str = "image") -> "InputReference":
+                    image_key: str = "image", max_volumes: int = 500) -> "InputReference":
         """Load the reference from ``path`` when it exists (a resumed run), else fit it on ``records`` read
-        through ``loading`` (the bundle's loading transforms) and write it there (rank 0, atomically)."""
+        through ``loading`` (the bundle's loading transforms) and write it there (rank 0, atomically). Of a
+        larger training set, ``max_volumes`` evenly spaced records are read (each is read three times)."""
         path = Path(path)
         if path.is_file():
             return self.load(path)
+        records = list(records)[:: max(1, -(-len(records) // max_volumes))]
 
         def volumes():
             for record in tqdm(records, desc="input reference", unit="volume", leave=False, mininterval=5):

@@ -282,11 +282,12 @@ def displacement_at(lattice: Lattice, fields: SubjectFields, points: np.ndarray)
 # ------------------------------------------------------------------------------------------ raw variants
 
 
-def raw_geometry(resolution: float, centre_shift_mm=(0.0, 0.0, 0.0)) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """Affine and shape of the native scanner grid: P, S, R voxel axes, centred on the grid centre moved
-    by ``centre_shift_mm`` (RAS; e.g. (0, 0, -40) takes the field of view down over the neck)."""
+def raw_geometry(resolution: float, centre_shift_mm=(0.0, 0.0, 0.0),
+                 field_of_view_mm=RAW_FIELD_OF_VIEW_MM) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """Affine and shape of the native scanner grid: P, S, R voxel axes spanning ``field_of_view_mm`` (in
+    that order), centred on the grid centre moved by ``centre_shift_mm`` (RAS)."""
     voxel = np.asarray(RAW_VOXEL_FACTORS) * resolution
-    shape = tuple(int(round(f / v)) for f, v in zip(RAW_FIELD_OF_VIEW_MM, voxel))
+    shape = tuple(int(round(f / v)) for f, v in zip(field_of_view_mm, voxel))
     axes = np.array([[0.0, -1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]).T  # columns: P, S, R in RAS
     affine = np.eye(4)
     affine[:3, :3] = axes * voxel
@@ -305,12 +306,13 @@ class HeadPose:
 
 
 def render_raw(anatomy: Anatomy, subject: Subject, rng: np.random.Generator, pose: HeadPose | None = None,
-               centre_shift_mm=(0.0, 0.0, 0.0), head: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """The subject as scanned: (int16 data, affine) on the native grid, the head at ``pose`` (default: a
-    random one of RAW_ROTATION_SD_DEG and RAW_TRANSLATION_SD_MM), with bias field and Rician noise
-    everywhere, in scanner units. With ``head`` the brain sits in CSF, skull, marrow and scalp, over a neck
-    (``head_tissues``); without, there is nothing outside the brain."""
-    affine, shape = raw_geometry(anatomy.grid.resolution, centre_shift_mm)
+               centre_shift_mm=(0.0, 0.0, 0.0), field_of_view_mm=RAW_FIELD_OF_VIEW_MM,
+               head: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The subject as scanned: (int16 data, affine) on the native grid (``raw_geometry``), the head at
+    ``pose`` (default: a random one of RAW_ROTATION_SD_DEG and RAW_TRANSLATION_SD_MM), with bias field and
+    Rician noise everywhere, in scanner units. With ``head`` the brain sits in CSF, skull, marrow and scalp,
+    over a neck (``head_tissues``); without, there is nothing outside the brain."""
+    affine, shape = raw_geometry(anatomy.grid.resolution, centre_shift_mm, field_of_view_mm)
     scanner = affine[:3, :3] @ np.indices(shape).reshape(3, -1) + affine[:3, 3:]
     if pose is None:
         pose = HeadPose(1.0, tuple(rng.normal(0.0, RAW_ROTATION_SD_DEG, 3)), tuple(rng.normal(0.0, RAW_TRANSLATION_SD_MM, 3)))

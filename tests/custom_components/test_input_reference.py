@@ -91,3 +91,15 @@ def test_fitting_refuses_no_volumes_and_volumes_of_another_shape():
         InputReference(SHAPE).fit(lambda: iter(()))
     with pytest.raises(InputError, match="expected"):
         InputReference(SHAPE).fit(lambda: iter([np.zeros((8, 8, 8))]))
+
+
+def test_a_large_training_set_is_read_through_an_even_subset(cohort, tmp_path):
+    read = []
+
+    def loading(record):
+        read.append(record["image"])
+        return _loading()(record)
+
+    InputReference(SHAPE).fit_or_load(cohort["training"], loading, tmp_path / "reference.pt", max_volumes=5)
+    subset = cohort["training"][::6]  # 28 records, every 6th: 5
+    assert len(subset) == 5 and read == [r["image"] for r in subset] * 3
