@@ -53,9 +53,9 @@ def rigid_move(axis: np.ndarray, degrees: float, shift: np.ndarray, centre: np.n
 def registered(path: Path, cache: Path) -> dict:
     """``register_scan`` of one raw head, cached as .npz."""
     if not cache.is_file():
-        corrected, in_template, registration = register_scan(nib.as_closest_canonical(load_volume(path)))
+        scan = register_scan(nib.as_closest_canonical(load_volume(path)), template_on_grid(OUTPUT_RESOLUTION_MM))
         cache.parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(cache, corrected=corrected, in_template=in_template, metric=registration.metric)
+        np.savez_compressed(cache, corrected=scan.corrected, in_template=scan.in_template, metric=scan.registration.metric)
     return dict(np.load(cache))
 
 

@@ -9,6 +9,7 @@ lowered by 20 mm), for the rest the simulator's, raised by 10 mm (no neck). The 
 Real raw heads (``--real``): each registered as it is, then again after a random rigid pose written into
 its header; the truth of the posed scan is the pose applied to the first registration.
 
+Registration is preprocessing's, retry from turned starts included (``preprocess.register_scan``).
 A registration is correct when the template brain's voxels land within ``--max_error_mm`` (mean) of where
 the truth puts them and the brain volume is within 10 % of the truth. The QC verdict is preprocessing's:
 template correlation >= MIN_TEMPLATE_CORRELATION and residual misalignment <= MAX_MISALIGNMENT_MM.
@@ -32,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data_prep.anatomy import template_anatomy  # noqa: E402
 from data_prep.effects import rotation_matrix  # noqa: E402
 from data_prep.grid import CENTRE_MM  # noqa: E402
-from data_prep.preprocess import (MAX_MISALIGNMENT_MM, MIN_TEMPLATE_CORRELATION, brain_and_qc,  # noqa: E402
-                                  register_scan, template_on_grid)
+from data_prep.preprocess import (MAX_MISALIGNMENT_MM, MIN_TEMPLATE_CORRELATION, register_scan,  # noqa: E402
+                                  template_on_grid)
 from data_prep.registration import use_itk_threads  # noqa: E402
 from data_prep.simulate import (RAW_FIELD_OF_VIEW_MM, CohortConfig, HeadPose, render_raw,  # noqa: E402
                                 simulate_subjects)
@@ -84,9 +85,8 @@ def judge(found: np.ndarray, truth: np.ndarray, qc: dict, max_error_mm: float) -
 
 def register(image: nib.Nifti1Image) -> tuple[np.ndarray, dict]:
     """Preprocessing's registration of a scan: (template-to-scanner matrix, QC record)."""
-    corrected, in_template, registration = register_scan(nib.as_closest_canonical(image))
-    _, qc = brain_and_qc(corrected, in_template, registration, template_on_grid(QC_GRID_MM))
-    return registration.matrix, qc
+    scan = register_scan(nib.as_closest_canonical(image), template_on_grid(QC_GRID_MM))
+    return scan.registration.matrix, scan.qc
 
 
 def cached(path: Path, compute) -> dict:

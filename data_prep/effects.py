@@ -35,7 +35,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from .anatomy import Anatomy
-from .grid import CENTRE_MM, Grid
+from .grid import CENTRE_MM, Grid, rotation_matrix
 
 AGE_REFERENCE = 20.0
 AGE_SPAN = 70.0
@@ -336,15 +336,6 @@ def world_to_voxel(grid: Grid, world: np.ndarray) -> np.ndarray:
     inverse = np.linalg.inv(grid.affine)
     flat = world.reshape(3, -1)
     return (inverse[:3, :3] @ flat + inverse[:3, 3:]).reshape(world.shape)
-
-
-def rotation_matrix(degrees) -> np.ndarray:
-    """Rotation about x, then y, then z by the given angles in degrees."""
-    ax, ay, az = np.deg2rad(degrees)
-    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
-    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
-    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
-    return rz @ ry @ rx
 
 
 def undo_pose(points: np.ndarray, scale: float, degrees, translation) -> np.ndarray:

@@ -63,3 +63,12 @@ def resample_to_grid(data: np.ndarray, affine: np.ndarray, grid: Grid) -> np.nda
     inverse = np.linalg.inv(affine)
     index = inverse[:3, :3] @ world + inverse[:3, 3:]
     return ndi.map_coordinates(smooth, index, order=1, cval=0.0).reshape(grid.shape).astype(np.float32)
+
+
+def rotation_matrix(degrees) -> np.ndarray:
+    """Rotation about x, then y, then z by the given angles in degrees."""
+    ax, ay, az = np.deg2rad(degrees)
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    return rz @ ry @ rx

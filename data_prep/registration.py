@@ -29,6 +29,7 @@ import itk
 import numpy as np
 from scipy import ndimage as ndi
 
+from .grid import rotation_matrix
 from .volumes import InputError
 
 # Threads per process. Parallelism comes from worker processes instead: on the shared 2-core test machine
@@ -43,6 +44,10 @@ SCALP_MARGIN_MM = 12.0
 # Vertical offsets (mm) added to that initial alignment, one registration each: a brain smaller than
 # the template sits lower under the top of the head; the capture range of one run is about +-10 mm.
 START_OFFSETS_MM = (0.0, -10.0, -20.0)
+# Head turns (degrees about x, y, z) tried when the registration from the upright starts fails QC: a head
+# tilted by 20-30 degrees can lead every upright start to a shrunken fit (benchmarks/registration_robustness.py).
+RETRY_TURNS_DEG = ((20.0, 0.0, 0.0), (-20.0, 0.0, 0.0), (0.0, 20.0, 0.0), (0.0, -20.0, 0.0), (0.0, 0.0, 20.0),
+                   (0.0, 0.0, -20.0))
 # Cranial slab used for the left-right / front-back initialisation: this far below the top of the head.
 SLAB_MM = (20.0, 100.0)
 ELASTIX_SETTINGS = {
@@ -81,6 +86,7 @@ class RegistrationTemplate:
     affine: np.ndarray
     mask: np.ndarray  # brain mask dilated by FIXED_MASK_MARGIN_MM, uint8
     brain_top_mm: float  # highest z (RAS mm) of the brain mask
+    brain_centre_mm: np.ndarray  # centroid of the brain mask
     slab_centre_mm: np.ndarray  # (x, y) centroid of the brain mask in the cranial slab
 
 
@@ -114,6 +120,7 @@ def registration_template() -> RegistrationTemplate:
         affine=template.affine,
         mask=(outside_mm <= FIXED_MASK_MARGIN_MM).astype(np.uint8),
         brain_top_mm=top,
+        brain_centre_mm=points.mean(axis=0),
         slab_centre_mm=slab_centre(points, top + SCALP_MARGIN_MM),
     )
 
@@ -203,22 +210,39 @@ def initial_shift(head: np.ndarray, affine: np.ndarray, template: RegistrationTe
     return shift
 
 
-def register_to_template(image: np.ndarray, affine: np.ndarray, head: np.ndarray) -> Registration:
+def register_to_template(image: np.ndarray, affine: np.ndarray, head: np.ndarray,
+                         turns_deg=((0.0, 0.0, 0.0),)) -> Registration:
     """Affine registration of a bias-corrected head (``affine``: voxel to RAS mm) to the template.
 
-    Runs from each of START_OFFSETS_MM and keeps the best (lowest) final metric.
+    Runs from each of START_OFFSETS_MM with the head turned by each of ``turns_deg`` (degrees about x, y, z,
+    about the head's estimated brain centre) and keeps the best (lowest) final metric.
     """
     template = registration_template()
     shift = initial_shift(head, affine, template)
+    centre = brain_centre_estimate(head, affine)
     fixed = to_itk(template.image, template.affine)
     fixed_mask = to_itk(template.mask, template.affine, np.uint8)
     results = []
-    for offset in START_OFFSETS_MM:
-        start = shift.copy()
-        start[2, 3] += offset
-        found = _elastix_affine(fixed, fixed_mask, to_itk(image, start @ affine))
-        results.append(Registration(matrix=np.linalg.inv(start) @ found.matrix, metric=found.metric))
+    for degrees in turns_deg:
+        turn = np.eye(4)
+        turn[:3, :3] = rotation_matrix(degrees)
+        turn[:3, 3] = centre - turn[:3, :3] @ centre
+        for offset in START_OFFSETS_MM:
+            start = shift.copy()
+            start[2, 3] += offset
+            start = start @ turn
+            found = _elastix_affine(fixed, fixed_mask, to_itk(image, start @ affine))
+            results.append(Registration(matrix=np.linalg.inv(start) @ found.matrix, metric=found.metric))
     return min(results, key=lambda result: result.metric)
+
+
+def brain_centre_estimate(head: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Where the brain's centre should lie in subject world (mm): under the centre of the cranial slab, as far
+    below the top of the head as the template brain's centre lies below its top plus the scalp."""
+    template = registration_template()
+    points = mask_points_mm(head, affine)
+    top = float(points[:, 2].max())
+    return np.array([*slab_centre(points, top), top - SCALP_MARGIN_MM - (template.brain_top_mm - template.brain_centre_mm[2])])
 
 
 def _elastix_affine(fixed, fixed_mask, moving) -> Registration:

@@ -69,6 +69,7 @@ def test_ixi_qc_table_and_new_datalist(ixi_run):
     assert qc["brain_volume_ml"].between(1000, 2200).all()
     # registered well: the QC re-registration moves them by a fraction of a voxel, and flags neither
     assert (qc["misalignment_mm"] < MAX_MISALIGNMENT_MM / 2).all() and qc["qc_warning"].isna().all()
+    assert (qc["registration_starts"] == 3).all()  # passed QC from the upright starts: no retry
     assert (qc["seconds"] > 0).all()
     assert pd.read_csv(out / "failures.csv").empty
     before, after = read_datalist(raw), read_datalist(out / "datalist.json")
@@ -214,6 +215,29 @@ def test_residual_misalignment_measures_how_far_a_head_sits_off_the_template(deg
     head = datasets.load_mni152_template(resolution=2)
     data = np.asarray(head.dataobj, dtype=np.float32)
     assert low <= residual_misalignment_mm(data, _moved(degrees, shift_mm) @ head.affine) <= high
+
+
+def test_a_registration_failing_qc_is_retried_from_turned_starts_and_the_better_kept(monkeypatch):
+    """The template head as the scan: the upright starts (stubbed) leave it 10 mm off, the turned ones find
+    it; register_scan keeps the second and counts every start."""
+    from data_prep import preprocess
+
+    template = template_on_grid(4.0)
+    head = nib.Nifti1Image(template.image, template.grid.affine)
+    calls = []
+
+    def register(image, affine, mask, turns):
+        calls.append(len(turns))
+        matrix = np.eye(4)
+        matrix[0, 3] = 10.0 if len(turns) == 1 else 0.0
+        return preprocess.Registration(matrix=matrix, metric=-0.3)
+
+    monkeypatch.setattr(preprocess, "register_to_template", register)
+    scan = preprocess.register_scan(head, template)
+    assert calls == [1, len(preprocess.RETRY_TURNS_DEG)]
+    assert scan.qc["misalignment_mm"] < 1.0 and scan.qc["qc_warning"] == ""
+    assert scan.qc["registration_starts"] == 3 * (1 + len(preprocess.RETRY_TURNS_DEG))
+    np.testing.assert_allclose(scan.registration.matrix, np.eye(4))
 
 
 def test_qc_warnings_fail_a_scan_or_flag_it_as_chosen():
