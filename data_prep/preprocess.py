@@ -158,21 +158,33 @@ class RegisteredScan:
 def register_scan(image: nib.Nifti1Image, template: TemplateOnGrid) -> RegisteredScan:
     """Steps 2-6 of a RAS scan. A registration that fails QC is run again from starts with the head turned
     (``registration.RETRY_TURNS_DEG``), and the better of the two kept: one that passes QC, else the less
-    misaligned (``qc["registration_starts"]`` counts the starts tried)."""
+    misaligned (``qc["registration_starts"]`` counts the starts tried). A retry that elastix cannot run
+    leaves the first result."""
     data = np.clip(np.asarray(image.dataobj, dtype=np.float32), 0.0, None)
     corrected, head = correct_bias(data, voxel_sizes(image.affine))
-    best, starts = None, 0
-    for turns in (((0.0, 0.0, 0.0),), RETRY_TURNS_DEG):
-        registration = register_to_template(corrected, image.affine, head, turns)
-        starts += len(turns) * len(START_OFFSETS_MM)
-        # voxel -> template world: follow the voxel into subject world, then back through the registration
-        in_template = np.linalg.inv(registration.matrix) @ image.affine
-        scan = RegisteredScan(corrected, in_template, registration, *brain_and_qc(corrected, in_template, registration, template))
-        if best is None or (bool(qc_failure(scan.qc)), scan.qc["misalignment_mm"]) < (bool(qc_failure(best.qc)), best.qc["misalignment_mm"]):
-            best = scan
-        if not qc_failure(best.qc):
-            break
+    best = _registered(corrected, image.affine, head, ((0.0, 0.0, 0.0),), template)
+    starts = len(START_OFFSETS_MM)
+    if qc_failure(best.qc):
+        starts += len(RETRY_TURNS_DEG) * len(START_OFFSETS_MM)
+        try:
+            retry = _registered(corrected, image.affine, head, RETRY_TURNS_DEG, template)
+        except RegistrationError:
+            retry = None
+        if retry is not None and _qc_rank(retry.qc) < _qc_rank(best.qc):
+            best = retry
     return dataclasses.replace(best, qc={**best.qc, "registration_starts": starts})
+
+
+def _registered(corrected: np.ndarray, affine: np.ndarray, head: np.ndarray, turns, template: TemplateOnGrid) -> RegisteredScan:
+    registration = register_to_template(corrected, affine, head, turns)
+    # voxel -> template world: follow the voxel into subject world, then back through the registration
+    in_template = np.linalg.inv(registration.matrix) @ affine
+    return RegisteredScan(corrected, in_template, registration, *brain_and_qc(corrected, in_template, registration, template))
+
+
+def _qc_rank(qc: dict) -> tuple[bool, float]:
+    """Passing QC first, then the smaller residual misalignment."""
+    return bool(qc_failure(qc)), qc["misalignment_mm"]
 
 
 def brain_and_qc(corrected: np.ndarray, in_template: np.ndarray, registration: Registration,

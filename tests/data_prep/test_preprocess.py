@@ -239,6 +239,15 @@ def test_a_registration_failing_qc_is_retried_from_turned_starts_and_the_better_
     assert scan.qc["registration_starts"] == 3 * (1 + len(preprocess.RETRY_TURNS_DEG))
     np.testing.assert_allclose(scan.registration.matrix, np.eye(4))
 
+    def retry_fails(image, affine, mask, turns):
+        if len(turns) > 1:
+            raise preprocess.RegistrationError("elastix failed")
+        return register(image, affine, mask, turns)
+
+    monkeypatch.setattr(preprocess, "register_to_template", retry_fails)
+    kept = preprocess.register_scan(head, template)  # the first result stands, its QC warning with it
+    assert kept.registration.matrix[0, 3] == 10.0 and "misalignment" in kept.qc["qc_warning"]
+
 
 def test_qc_warnings_fail_a_scan_or_flag_it_as_chosen():
     good = {"template_correlation": 0.7, "registration_metric": -0.3, "qc_warning": ""}
