@@ -8,7 +8,7 @@ import torch
 from ignite.engine import Engine
 from monai.handlers import from_engine
 
-from .handlers import EpochCollector
+from .handlers import EpochCollector, PlotInterval
 from .plots import VIEWS, central_slices, plt, save_figure
 
 
@@ -36,16 +36,19 @@ class ReconstructionGrid(EpochCollector):
     to their reconstructions, as ``<output_dir>/<prefix>epoch_XXXX.png``.
 
     ``output_transform`` maps the (decollated) engine output to ``(images, reconstructions)``, lists of
-    (1, D, H, W) tensors. ``log_dir``: where TensorBoard figures go (None: PNG only).
+    (1, D, H, W) tensors. ``log_dir``: where TensorBoard figures go (None: PNG only). ``plot_interval``:
+    draw on every this many validations only (a figure costs most of a second, much of a GPU epoch).
     """
 
     def __init__(self, output_dir, n_images: int = 4, log_dir=None, prefix: str = "reconstructions_",
-                 output_transform=from_engine(["image", "pred"]), tag: str = "reconstructions") -> None:
+                 output_transform=from_engine(["image", "pred"]), tag: str = "reconstructions",
+                 plot_interval: int = 1) -> None:
         if n_images < 1:
             raise ValueError(f"n_images must be >= 1, got {n_images}")
         self.output_dir = Path(output_dir)
         self.n_images, self.log_dir, self.prefix, self.tag = n_images, log_dir, prefix, tag
         self.output_transform = output_transform
+        self.plot_every = PlotInterval(plot_interval)
         self._writer = None
         self._real: list[np.ndarray] = []
         self._recon: list[np.ndarray] = []
@@ -63,7 +66,7 @@ class ReconstructionGrid(EpochCollector):
                 self._recon.append(_first_channel(recon))
 
     def _report(self, engine: Engine) -> None:
-        if not self._real:
+        if not self._real or not self.plot_every.due():
             return
         epoch = engine.state.epoch
         fig = reconstruction_figure(self._real, self._recon, title=f"epoch {epoch}: real vs reconstructed")
