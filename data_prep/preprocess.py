@@ -64,7 +64,7 @@ BRAIN_MARGIN_MM = 2.0
 # Correlation with the template inside its brain mask, measured on the two IXI sample heads: 0.55-0.69
 # when aligned (1, 2 and 4 mm grids); 0.0-0.29 from elastix runs that failed (started too far off);
 # 0.26-0.37 with front and back swapped. 0.45 lies between. It catches gross failures, not small
-# misalignments: an aligned output shifted by 8 mm still scores 0.38-0.53.
+# misalignments: an aligned output shifted by 8 mm still scores 0.38-0.53 (the residual misalignment does).
 MIN_TEMPLATE_CORRELATION = 0.45
 # Residual misalignment above which a scan gets a QC warning. Calibrated with benchmarks/registration_qc.py
 # (30 simulated and 10 real IXI raw heads, registered, then moved by known errors): as registered they
