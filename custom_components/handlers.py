@@ -151,7 +151,9 @@ class DetectionReport(EpochCollector):
     """Collect the AD probabilities of an evaluation epoch and report them: ``<prefix>detection.csv``
     (subject, label, probability, predicted label), ``<prefix>detection_metrics.json`` (ROC AUC with its
     bootstrap 95 % interval, accuracy, balanced accuracy, sensitivity, specificity at ``threshold``) and a
-    ROC plot (every ``plot_interval``-th report); AUC interval bounds go into ``engine.state.metrics``. Expects decollated output whose
+    ROC plot (every ``plot_interval``-th report); AUC interval bounds go into ``engine.state.metrics``.
+    Subjects without a label (plain inference) get their probability and predicted label only, and no
+    metrics are written when no subject has one. Expects decollated output whose
     ``pred_key`` is the probability (the evaluator's sigmoid postprocessing). Attach on every rank under
     DDP (it gathers); only rank 0 writes.
     """
@@ -173,24 +175,29 @@ class DetectionReport(EpochCollector):
     def _collect(self, engine: Engine) -> None:
         for item, out in zip(engine.state.batch, engine.state.output):
             self._subjects.append(subject_id(item, self.subject_key, len(self._subjects)))
-            self._labels.append(float(torch.as_tensor(item[self.label_key]).reshape(-1)[0]))
+            label = item.get(self.label_key)
+            self._labels.append(float(torch.as_tensor(label).reshape(-1)[0]) if label is not None else math.nan)
             self._probabilities.append(float(torch.as_tensor(out[self.pred_key]).float().reshape(-1)[0]))
 
     def _report(self, engine: Engine) -> None:
         subjects, (labels, probabilities) = gather_subject_values(self._subjects, [self._labels, self._probabilities])
-        metrics = detection_metrics(labels, probabilities, self.threshold, self.n_boot, self.seed)
-        for key in ("auc_ci95_low", "auc_ci95_high"):
-            engine.state.metrics[f"{self.prefix}{key}"] = metrics[key]
+        known = np.isfinite(labels)
+        metrics = detection_metrics(labels[known], probabilities[known], self.threshold, self.n_boot, self.seed) if known.any() else None
+        if metrics is not None:
+            for key in ("auc_ci95_low", "auc_ci95_high"):
+                engine.state.metrics[f"{self.prefix}{key}"] = metrics[key]
         if idist.get_rank() != 0:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        rows = [{"subject": s, "label": int(y), "probability": f"{p:.5f}", "predicted": int(p >= self.threshold)}
-                for s, y, p in zip(subjects, labels, probabilities)]
+        rows = [{"subject": s, "label": int(y) if np.isfinite(y) else "", "probability": f"{p:.5f}",
+                 "predicted": int(p >= self.threshold)} for s, y, p in zip(subjects, labels, probabilities)]
         write_csv(self.output_dir / f"{self.prefix}detection.csv", rows)
+        if metrics is None:
+            return
         with atomic_path(self.output_dir / f"{self.prefix}detection_metrics.json") as tmp, open(tmp, "w") as handle:
             json.dump(metrics, handle, indent=1)
-        if self.plot_every.due() and 0 < labels.sum() < labels.size:
-            plot_roc(labels, probabilities, metrics, self.output_dir / f"{self.prefix}roc.png")
+        if self.plot_every.due() and 0 < labels[known].sum() < known.sum():
+            plot_roc(labels[known], probabilities[known], metrics, self.output_dir / f"{self.prefix}roc.png")
 
 
 class InputCheckReport(EpochCollector):

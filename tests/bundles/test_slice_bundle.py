@@ -311,6 +311,18 @@ def test_ad_training_reports_auc_with_interval_then_evaluates_test_split(tmp_pat
     assert test_metrics["auc"] == pytest.approx(_auc([float(r["probability"]) for r in test_rows], test_truth), abs=1e-4)
     assert (tmp_path / "eval" / "test_roc.png").read_bytes()[:4] == b"\x89PNG"
 
+    # inference on unlabelled volumes: the AD probability per subject (sigmoid postprocessing), no metrics
+    out = tmp_path / "inference"
+    _run(_workflow(_configs("inference", "inference_ad"), tmp_path, cohort, input_dir=str(cohort / "images"),
+                   output_dir=str(out)))
+    rows = _rows(out / "inference_detection.csv")
+    assert [r["subject"] for r in rows] == [f"sub{i:02d}" for i in range(16)]
+    assert all(r["label"] == "" and 0 < float(r["probability"]) < 1 for r in rows)
+    assert all(int(r["predicted"]) == (float(r["probability"]) >= 0.5) for r in rows)
+    assert not (out / "inference_detection_metrics.json").exists()
+    by_subject = {r["subject"]: float(r["probability"]) for r in rows}
+    assert [by_subject[r["subject"]] for r in test_rows] == pytest.approx([float(r["probability"]) for r in test_rows], abs=1e-4)
+
 
 def test_ad_detector_can_start_from_a_brain_age_model_except_its_output_layer(trained, cohort, tmp_path):
     brain_age = torch.load(trained / "models" / "model.pt", weights_only=True)
