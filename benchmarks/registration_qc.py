@@ -26,7 +26,7 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data_prep.grid import resample_to_grid  # noqa: E402
+from data_prep.grid import axis_angle_rotation, resample_to_grid  # noqa: E402
 from data_prep.preprocess import (MAX_MISALIGNMENT_MM, MIN_TEMPLATE_CORRELATION, register_scan,  # noqa: E402
                                   residual_misalignment_mm, template_on_grid)
 from data_prep.qc import normalised_correlation  # noqa: E402
@@ -40,10 +40,7 @@ OUTPUT_RESOLUTION_MM = 4.0
 
 def rigid_move(axis: np.ndarray, degrees: float, shift: np.ndarray, centre: np.ndarray) -> np.ndarray:
     """4x4 rotation by ``degrees`` about ``axis`` through ``centre``, then translation by ``shift`` (mm)."""
-    axis = axis / np.linalg.norm(axis)
-    cross = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    angle = np.deg2rad(degrees)
-    rotation = np.eye(3) + np.sin(angle) * cross + (1 - np.cos(angle)) * cross @ cross
+    rotation = axis_angle_rotation(axis, degrees)
     move = np.eye(4)
     move[:3, :3] = rotation
     move[:3, 3] = centre - rotation @ centre + shift

@@ -32,7 +32,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data_prep.anatomy import template_anatomy  # noqa: E402
 from data_prep.effects import rotation_matrix  # noqa: E402
-from data_prep.grid import CENTRE_MM  # noqa: E402
+from data_prep.grid import CENTRE_MM, axis_angle_rotation  # noqa: E402
 from data_prep.preprocess import (MAX_MISALIGNMENT_MM, MIN_TEMPLATE_CORRELATION, register_scan,  # noqa: E402
                                   template_on_grid)
 from data_prep.registration import use_itk_threads  # noqa: E402
@@ -60,11 +60,7 @@ def euler_degrees(rotation: np.ndarray) -> tuple[float, float, float]:
 
 
 def random_pose(rng: np.random.Generator, max_degrees: float, max_shift: float, max_scale: float) -> HeadPose:
-    axis = rng.normal(size=3)
-    axis /= np.linalg.norm(axis)
-    angle = np.deg2rad(rng.uniform(0, max_degrees))
-    cross = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    rotation = np.eye(3) + np.sin(angle) * cross + (1 - np.cos(angle)) * cross @ cross
+    rotation = axis_angle_rotation(rng.normal(size=3), rng.uniform(0, max_degrees))
     direction = rng.normal(size=3)
     shift = direction / np.linalg.norm(direction) * rng.uniform(0, max_shift)
     return HeadPose(float(rng.uniform(1 - max_scale, 1 + max_scale)), euler_degrees(rotation), tuple(shift))

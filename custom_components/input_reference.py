@@ -68,7 +68,8 @@ class InputReference(nn.Module):
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
 
     def fit(self, volumes: Callable[[], Iterable[torch.Tensor]]) -> "InputReference":
-        """Fit on the training volumes; ``volumes()`` yields them (called twice: the mean image first)."""
+        """Fit on the training volumes; ``volumes()`` yields them (called twice: the mean image and masks
+        first, then each volume's measures)."""
         total, inside, count = torch.zeros_like(self.mean_image, dtype=torch.float64), None, 0
         for volume in volumes():
             volume = self._array(volume)
@@ -83,9 +84,10 @@ class InputReference(nn.Module):
         self.support.copy_(inside >= max(SUPPORT_SHARE * count, 1))
         if not self.core.any():
             raise InputError("the training volumes share no brain voxels: are they on one grid?")
-        quantiles = np.stack([np.quantile(self._array(v)[self.core.numpy()], QUANTILES) for v in volumes()])
+        measured = [self._measures(volume) for volume in volumes()]
+        quantiles = np.stack([q for _, q, _ in measured])
         self.quantiles.copy_(torch.from_numpy(quantiles.mean(axis=0)))
-        features = torch.stack([self.features(v) for v in volumes()])
+        features = torch.tensor([[r, self._distance(q), o] for r, q, o in measured], dtype=torch.float64)
         self.median.copy_(features.median(dim=0).values)
         spread = 1.4826 * (features - self.median).abs().median(dim=0).values
         self.spread.copy_(torch.maximum(spread, torch.tensor(SPREAD_FLOOR, dtype=torch.float64)))
@@ -97,7 +99,7 @@ class InputReference(nn.Module):
                     image_key: str = "image", max_volumes: int = 500) -> "InputReference":
         """Load the reference from ``path`` when it exists (a resumed run), else fit it on ``records`` read
         through ``loading`` (the bundle's loading transforms) and write it there (rank 0, atomically). Of a
-        larger training set, ``max_volumes`` evenly spaced records are read (each is read three times)."""
+        larger training set, ``max_volumes`` evenly spaced records are read (each is read twice)."""
         path = Path(path)
         if path.is_file():
             return self.load(path)
@@ -119,9 +121,10 @@ class InputReference(nn.Module):
     def load(self, path: str | os.PathLike) -> "InputReference":
         """Load a reference written by training; its grid must be this one's."""
         state = torch.load(path, map_location="cpu", weights_only=True)
-        if tuple(state.get("mean_image", torch.zeros(0)).shape) != tuple(self.mean_image.shape):
-            raise InputError(f"{path}: the input reference was fitted on another grid "
-                             f"({tuple(state['mean_image'].shape)}), not image_size {tuple(self.mean_image.shape)}")
+        shape = tuple(state.get("mean_image", torch.zeros(0)).shape)
+        if shape != tuple(self.mean_image.shape):
+            raise InputError(f"{path}: the input reference was fitted on another grid ({shape}), "
+                             f"not image_size {tuple(self.mean_image.shape)}")
         self.training_scores = torch.zeros_like(state["training_scores"])
         self.load_state_dict(state)
         return self
@@ -136,18 +139,25 @@ class InputReference(nn.Module):
 
     def features(self, volume) -> torch.Tensor:
         """The three measures of one volume (float64, in ``FEATURES`` order)."""
+        correlation, quantiles, outside = self._measures(volume)
+        return torch.tensor([correlation, self._distance(quantiles), outside], dtype=torch.float64)
+
+    def _measures(self, volume) -> tuple[float, np.ndarray, float]:
+        """Correlation with the mean image, intensity quantiles inside the core, share of signal outside."""
         volume = self._array(volume)
         core, mean = self.core.numpy(), self.mean_image.numpy()
         x, m = volume[core].astype(np.float64), mean[core].astype(np.float64)
         x_c, m_c = x - x.mean(), m - m.mean()
         denominator = np.sqrt((x_c * x_c).sum() * (m_c * m_c).sum())
-        correlation = (x_c * m_c).sum() / denominator if denominator > 0 else 0.0
-        reference = self.quantiles.numpy()
-        scale = max(float(reference[-1]), 1e-12)
-        distance = np.abs(np.quantile(x, QUANTILES) - reference).mean() / scale
+        correlation = float((x_c * m_c).sum() / denominator) if denominator > 0 else 0.0
         magnitude = np.abs(volume.astype(np.float64))
-        outside = magnitude[~self.support.numpy()].sum() / max(magnitude.sum(), 1e-12)
-        return torch.tensor([correlation, distance, outside], dtype=torch.float64)
+        outside = float(magnitude[~self.support.numpy()].sum() / max(magnitude.sum(), 1e-12))
+        return correlation, np.quantile(x, QUANTILES), outside
+
+    def _distance(self, quantiles: np.ndarray) -> float:
+        """Mean absolute quantile difference from the training quantiles, over their 99th percentile."""
+        reference = self.quantiles.numpy()
+        return float(np.abs(quantiles - reference).mean() / max(float(reference[-1]), 1e-12))
 
     def score(self, features: torch.Tensor) -> torch.Tensor:
         """The ``ood_score`` of measures shaped (..., 3): the largest one-sided robust z."""

@@ -72,3 +72,11 @@ def rotation_matrix(degrees) -> np.ndarray:
     ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
     rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
     return rz @ ry @ rx
+
+
+def axis_angle_rotation(axis, degrees: float) -> np.ndarray:
+    """Rotation by ``degrees`` about ``axis`` (any length), as a 3x3 matrix (Rodrigues' formula)."""
+    axis = np.asarray(axis, float) / np.linalg.norm(axis)
+    cross = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    angle = np.deg2rad(degrees)
+    return np.eye(3) + np.sin(angle) * cross + (1 - np.cos(angle)) * cross @ cross

@@ -119,8 +119,7 @@ def preprocess_volume(path: str | os.PathLike, resolution: float = 2.0,
     scan was flagged), ``registration_starts`` and ``seconds``. Raises InputError naming the file: RegistrationError when alignment
     failed, QCError when the scan failed QC (``on_qc_warning`` "reject" makes a QC warning one).
     """
-    if on_qc_warning not in QC_WARNING_POLICIES:
-        raise InputError(f"on_qc_warning must be one of {', '.join(QC_WARNING_POLICIES)}, not {on_qc_warning!r}")
+    _check_qc_policy(on_qc_warning)
     start = time.perf_counter()
     use_itk_threads()
     image = nib.as_closest_canonical(load_volume(path))
@@ -309,6 +308,10 @@ def _check_options(resolution: float, dtype: str, workers: int, on_qc_warning: s
         raise InputError(f"dtype {dtype!r} not supported; use one of {', '.join(DTYPES)}")
     if int(workers) < 1:
         raise InputError(f"workers must be at least 1, not {workers}")
+    _check_qc_policy(on_qc_warning)
+
+
+def _check_qc_policy(on_qc_warning: str) -> None:
     if on_qc_warning not in QC_WARNING_POLICIES:
         raise InputError(f"on_qc_warning must be one of {', '.join(QC_WARNING_POLICIES)}, not {on_qc_warning!r}")
 

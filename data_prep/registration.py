@@ -200,9 +200,9 @@ def _upsample(array: np.ndarray, shrunk, spacing: np.ndarray, shape, order: int)
                                 output_shape=tuple(shape), order=order, mode="nearest")
 
 
-def initial_shift(head: np.ndarray, affine: np.ndarray, template: RegistrationTemplate) -> np.ndarray:
-    """4x4 translation (RAS mm) that moves the subject's head roughly onto the template brain."""
-    points = mask_points_mm(head, affine)
+def initial_shift(points: np.ndarray, template: RegistrationTemplate) -> np.ndarray:
+    """4x4 translation (RAS mm) that moves the subject's head (its voxels' world ``points``, (n, 3)) roughly
+    onto the template brain."""
     top = float(points[:, 2].max())
     shift = np.eye(4)
     shift[:2, 3] = template.slab_centre_mm - slab_centre(points, top)
@@ -218,8 +218,9 @@ def register_to_template(image: np.ndarray, affine: np.ndarray, head: np.ndarray
     about the head's estimated brain centre) and keeps the best (lowest) final metric.
     """
     template = registration_template()
-    shift = initial_shift(head, affine, template)
-    centre = brain_centre_estimate(head, affine)
+    points = mask_points_mm(head, affine)
+    shift = initial_shift(points, template)
+    centre = brain_centre_estimate(points, template)
     fixed = to_itk(template.image, template.affine)
     fixed_mask = to_itk(template.mask, template.affine, np.uint8)
     results = []
@@ -236,11 +237,10 @@ def register_to_template(image: np.ndarray, affine: np.ndarray, head: np.ndarray
     return min(results, key=lambda result: result.metric)
 
 
-def brain_centre_estimate(head: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """Where the brain's centre should lie in subject world (mm): under the centre of the cranial slab, as far
-    below the top of the head as the template brain's centre lies below its top plus the scalp."""
-    template = registration_template()
-    points = mask_points_mm(head, affine)
+def brain_centre_estimate(points: np.ndarray, template: RegistrationTemplate) -> np.ndarray:
+    """Where the brain's centre should lie in subject world (mm), from the head's voxels' world ``points``:
+    under the centre of the cranial slab, as far below the top of the head as the template brain's centre
+    lies below its top plus the scalp."""
     top = float(points[:, 2].max())
     return np.array([*slab_centre(points, top), top - SCALP_MARGIN_MM - (template.brain_top_mm - template.brain_centre_mm[2])])
 
