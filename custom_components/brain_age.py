@@ -60,3 +60,19 @@ class BiasCorrection(nn.Module):
         age = np.asarray(age, float)
         gap = np.asarray(predicted, float) - age
         return gap - (float(self.slope) * age + float(self.intercept)) if bool(self.fitted) else gap
+
+
+class BrainAgeGapd:
+    """The brain-age bundle's ``postprocessing``, on one decollated evaluator output: ``pred`` stays the
+    predicted age in years; ``brain_age_gap`` (predicted - chronological age) and ``corrected_gap`` (the
+    gap less ``bias_correction``'s age trend) are added as one-element float tensors, NaN for a subject
+    whose age is not in the record."""
+
+    def __init__(self, bias_correction: BiasCorrection, pred_key: str = "pred", age_key: str = "age") -> None:
+        self.bias_correction, self.pred_key, self.age_key = bias_correction, pred_key, age_key
+
+    def __call__(self, data: dict) -> dict:
+        predicted = float(torch.as_tensor(data[self.pred_key]).float().reshape(-1)[0])
+        age = float(data[self.age_key]) if data.get(self.age_key) is not None else float("nan")
+        corrected = float(self.bias_correction.corrected_gap(predicted, age))
+        return {**data, "brain_age_gap": torch.tensor([predicted - age]), "corrected_gap": torch.tensor([corrected])}

@@ -220,6 +220,26 @@ def test_inference_on_a_folder_writes_predictions_and_slice_attention(trained, c
     assert (out / "inference_slice_attention.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_inference_postprocessing_gives_age_and_gaps_as_in_the_predictions_csv(trained, cohort, tmp_path):
+    """The standard ``postprocessing`` id: each output carries the age in years and both gaps (MONAI tools
+    read these from the evaluator's output; the CSV is written from the same numbers)."""
+    out = tmp_path / "out"
+    workflow = ConfigWorkflow(config_file=str(CONFIGS / "inference.json"), meta_file=str(META), bundle_root=str(trained),
+                              dataset_dir=str(cohort), output_dir=str(out), **{**TINY, "network_def#aggregation": "attention"})
+    workflow.initialize()
+    _run(workflow)
+    state = workflow.parser.get_parsed_content("evaluator").state  # the last batch: all 4 test subjects
+    outputs = state.output
+    rows = {r["subject"]: r for r in _rows(out / "inference_predictions.csv")}
+    assert len(outputs) == len(rows) == 4
+    for record, item in zip(state.batch, outputs):
+        row = rows[record["subject"]]
+        assert float(item["pred"][0]) == pytest.approx(float(row["predicted_age"]), abs=2e-3)
+        assert float(item["brain_age_gap"][0]) == pytest.approx(float(row["brain_age_gap"]), abs=2e-3)
+        assert float(item["corrected_gap"][0]) == pytest.approx(float(row["corrected_gap"]), abs=2e-3)
+    assert np.isfinite([float(item["corrected_gap"][0]) for item in outputs]).all()
+
+
 def test_inference_writes_occlusion_maps_on_the_canonical_grid(tmp_path):
     cube = [16, 16, 16]
     cohort = _make_cohort(tmp_path / "cohort", n=8, shape=cube)
