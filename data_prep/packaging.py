@@ -14,6 +14,7 @@ already built what the ``initialize`` section needs.
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import re
 import zipfile
@@ -35,7 +36,7 @@ _FROM = re.compile(rb"from\s+")
 
 
 def package_bundles(out_dir: str = "dist", bundles=("slice_cnn_brainage", "tgb_gan_augment"),
-                    models_from: str | None = None, overrides=None) -> list[str]:
+                    models_from: str | None = None, overrides=None, eval_metrics=None) -> list[str]:
     """Write each bundle in ``bundles`` as ``out_dir/<name>_v<version>.zip`` (version from metadata.json).
 
     Args:
@@ -47,13 +48,20 @@ def package_bundles(out_dir: str = "dist", bundles=("slice_cnn_brainage", "tgb_g
             [64, 64, 64], "network_def#aggregation": "attention"}``) or a JSON file of one: written into the
             packaged configs, so the unzipped bundle runs its weights with its defaults (as the Model Zoo's
             checks run it). ``image_size`` also sets the metadata's input (and image output) shape.
+        eval_metrics: what the weights scored, as a JSON file of metric name -> value (a run's
+            ``eval/test_metrics.json``) or a dict: its numbers replace metadata.json's ``eval_metrics``, each
+            name prefixed with the file's name up to ``metrics`` (``test_metrics.json``: ``test_mae``).
+
+    Every packaged large file gets its sha256 in the zip's ``large_files.yml`` (``hash_val``, ``hash_type``).
     """
     names = (bundles,) if isinstance(bundles, str) else tuple(bundles)
     if models_from is not None and len(names) != 1:
         raise InputError(f"models_from holds one run's weights: name one bundle with bundles, got {list(names)}")
-    if overrides is not None and len(names) != 1:
-        raise InputError(f"overrides belong to one run's weights: name one bundle with bundles, got {list(names)}")
-    return [str(package_bundle(name, out_dir, models_from, _read_overrides(overrides))) for name in names]
+    for option, value in (("overrides", overrides), ("eval_metrics", eval_metrics)):
+        if value is not None and len(names) != 1:
+            raise InputError(f"{option} belong to one run's weights: name one bundle with bundles, got {list(names)}")
+    return [str(package_bundle(name, out_dir, models_from, _read_overrides(overrides), _read_metrics(eval_metrics)))
+            for name in names]
 
 
 def _read_overrides(overrides) -> dict:
@@ -68,6 +76,27 @@ def _read_overrides(overrides) -> dict:
     if not isinstance(content, dict):
         raise InputError(f"{path}: overrides are a JSON object of id -> value, not a {type(content).__name__}")
     return content
+
+
+def _read_metrics(eval_metrics) -> dict[str, float] | None:
+    """``eval_metrics`` as metadata entries: the numbers of a dict, or of a JSON file's object with each name
+    prefixed by the file's name up to ``metrics`` (``test_metrics.json`` -> ``test_``)."""
+    if eval_metrics is None:
+        return None
+    prefix, content = "", eval_metrics
+    if not isinstance(eval_metrics, dict):
+        path = Path(str(eval_metrics))
+        try:
+            content = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise InputError(f"eval_metrics: give a dict or a JSON file of one; {path}: {err}") from None
+        prefix = path.stem.removesuffix("metrics")
+    items = content.items() if isinstance(content, dict) else ()
+    numbers = {f"{prefix}{key}": value for key, value in items
+               if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    if not numbers:
+        raise InputError(f"eval_metrics {eval_metrics}: no metric values in it (a JSON object of name -> number)")
+    return numbers
 
 
 def _with_overrides(configs: dict[str, bytes], overrides: dict, bundle: str) -> dict[str, bytes]:
@@ -100,7 +129,8 @@ def _with_overrides(configs: dict[str, bytes], overrides: dict, bundle: str) -> 
             else configs[arc] for arc, config in parsed.items()}
 
 
-def package_bundle(name: str, out_dir: str = "dist", models_from: str | None = None, overrides: dict | None = None) -> Path:
+def package_bundle(name: str, out_dir: str = "dist", models_from: str | None = None, overrides: dict | None = None,
+                   eval_metrics: dict[str, float] | None = None) -> Path:
     """Write one bundle's zip; see :func:`package_bundles`."""
     bundle = BUNDLES_DIR / name
     if not (bundle / "configs" / "metadata.json").is_file():
@@ -117,7 +147,13 @@ def package_bundle(name: str, out_dir: str = "dist", models_from: str | None = N
     configs = {arc: data for arc, data in files.items() if arc.startswith("configs/") and arc.endswith(".json")}
     configs = _with_overrides(configs, overrides or {}, name)
     files.update({arc: _config_bytes(bundle / arc, data) for arc, data in configs.items()})
-    files.update(_weights(bundle, Path(models_from) if models_from else bundle, configs))
+    weights = _weights(bundle, Path(models_from) if models_from else bundle, configs)
+    files.update(weights)
+    files["large_files.yml"] = _hashed_large_files(files["large_files.yml"], weights)
+    if eval_metrics is not None:
+        meta = json.loads(files["configs/metadata.json"])
+        meta["eval_metrics"] = eval_metrics
+        files["configs/metadata.json"] = (json.dumps(meta, indent=4, ensure_ascii=False) + "\n").encode()
     files.update(_vendored_scripts(bundle, configs))
     out = Path(out_dir) / f"{name}_v{version}.zip"
     with atomic_path(out) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
@@ -149,6 +185,18 @@ def _weights(bundle: Path, source: Path, configs: dict[str, bytes]) -> dict[str,
                 f"`python -m data_prep package-bundles --bundles {bundle.name} --models_from <the run's bundle_root>`"
             )
     return found
+
+
+def _hashed_large_files(listing: bytes, weights: dict[str, bytes]) -> bytes:
+    """large_files.yml with the sha256 of each packaged file; the others as listed."""
+    if not weights:
+        return listing
+    content = yaml.safe_load(listing)
+    for entry in content["large_files"]:
+        if entry["path"] in weights:
+            entry.update(hash_val=hashlib.sha256(weights[entry["path"]]).hexdigest(), hash_type="sha256")
+    header = "# Written by data_prep.packaging: the sha256 of each large file packaged in this zip.\n"
+    return (header + yaml.safe_dump(content, sort_keys=False)).encode()
 
 
 def _code_strings(config_file: Path, config) -> set[str]:

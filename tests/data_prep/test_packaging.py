@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import hashlib
 import json
 import os
 import subprocess
@@ -20,6 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from monai.bundle import ConfigParser, ConfigWorkflow, verify_metadata
 
 from custom_components.brain_age import BiasCorrection
@@ -30,6 +32,7 @@ from data_prep.volumes import save_nifti
 
 SCHEMA = Path(__file__).resolve().parents[3] / "shared" / "monai" / "meta_schema_20240725.json"
 SUBJECTS = ("a", "b", "c")
+METRICS = {"n": 60, "mae": 5.58, "pearson_r": 0.943, "note": "not a number: left out"}  # a run's eval/test_metrics.json
 
 
 def _predicted_ages(eval_dir: Path) -> dict[str, float]:
@@ -93,8 +96,10 @@ def packaged(request, tmp_path_factory) -> dict:
     rng = np.random.default_rng(0)
     for subject in SUBJECTS:
         save_nifti(rng.random(case["shape"]), np.diag([4.0, 4.0, 4.0, 1.0]), root / "inputs" / f"{subject}.nii.gz")
+    (root / "run" / "eval").mkdir()
+    (root / "run" / "eval" / "test_metrics.json").write_text(json.dumps(METRICS))
     args = ["package-bundles", "--bundles", name, "--models_from", str(root / "run"), "--out_dir", str(root / "dist"),
-            "--overrides", json.dumps(case["overrides"])]
+            "--overrides", json.dumps(case["overrides"]), "--eval_metrics", str(root / "run" / "eval" / "test_metrics.json")]
     assert main(args) == 0
     return {"name": name, "root": root, "zip": next((root / "dist").glob(f"{name}_v*.zip")), **case}
 
@@ -157,7 +162,7 @@ def test_package_holds_model_zoo_layout_and_only_rewritten_code(packaged):
     meta = json.loads(files["configs/metadata.json"])
     assert packaged["zip"].name == f"{name}_v{meta['version']}.zip"
     again = package_bundles(str(packaged["root"] / "again"), name, models_from=str(packaged["root"] / "run"),
-                            overrides=packaged["overrides"])
+                            overrides=packaged["overrides"], eval_metrics=str(packaged["root"] / "run" / "eval" / "test_metrics.json"))
     assert Path(again[0]).read_bytes() == packaged["zip"].read_bytes()  # reproducible: fixed entry times, sorted
     image = meta["network_data_format"]["inputs"]["image"]  # the trained image_size, the rest as in the repository
     assert image.pop("spatial_shape") == list(packaged["shape"])
@@ -169,6 +174,11 @@ def test_package_holds_model_zoo_layout_and_only_rewritten_code(packaged):
     meta_copy.write_bytes(files["configs/metadata.json"])
     verify_metadata(meta_file=str(meta_copy), filepath=str(SCHEMA))
     assert files["models/model.pt"] == (packaged["root"] / "run" / "models" / "model.pt").read_bytes()
+    assert meta["eval_metrics"] == {"test_n": 60, "test_mae": 5.58, "test_pearson_r": 0.943}
+    listed = {entry["path"]: entry for entry in yaml.safe_load(files["large_files.yml"])["large_files"]}
+    for path in (p for p in files if p.startswith("models/")):  # every packaged weight file carries its hash
+        assert listed[path]["hash_type"] == "sha256" and listed[path]["hash_val"] == hashlib.sha256(files[path]).hexdigest()
+    assert listed["models/model.ts"]["hash_val"] == ""  # not packaged: as listed
 
     # vendored: the modules the bundle needs, none other, importing each other only as scripts.<package>
     modules = {path for path in files if path.startswith("scripts/") and path.endswith(".py")}
@@ -225,3 +235,13 @@ def test_packaging_refuses_when_a_config_needs_absent_weights(tmp_path, capsys):
     assert code == 2
     assert "configs/inference.json" in err and "models/model.pt" in err and str(tmp_path / "run") in err
     assert not (tmp_path / "dist").exists() or not any((tmp_path / "dist").iterdir())
+
+
+@pytest.mark.parametrize("content", ["{not json", '["a", "list"]', '{"note": "no numbers"}'])
+def test_packaging_refuses_eval_metrics_without_numbers(tmp_path, capsys, content):
+    metrics = tmp_path / "test_metrics.json"
+    metrics.write_text(content)
+    code = main(["package-bundles", "--bundles", "slice_cnn_brainage", "--eval_metrics", str(metrics),
+                 "--out_dir", str(tmp_path / "dist")])
+    assert code == 2 and str(metrics) in capsys.readouterr().err
+    assert not (tmp_path / "dist").exists()
