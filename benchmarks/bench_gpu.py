@@ -142,8 +142,9 @@ def whole_bundle(bundle: str, datalist: Path, overrides: dict, epochs: int) -> d
             return handler
 
         trainer.add_event_handler(Events.EPOCH_STARTED, mark("start"))
-        # first among the EPOCH_COMPLETED handlers: the training loop ends before validation and reports
-        trainer._event_handlers[Events.EPOCH_COMPLETED].insert(0, (mark("loop_end"), (trainer,), {}))
+        # the epoch's last iteration: the training loop ends there, before validation and reports
+        last_iteration = Events.ITERATION_COMPLETED(event_filter=lambda engine, i: i % engine.state.epoch_length == 0)
+        trainer.add_event_handler(last_iteration, mark("loop_end"))
         trainer.add_event_handler(Events.EPOCH_COMPLETED, mark("end"))
         workflow.run()
         workflow.finalize()
