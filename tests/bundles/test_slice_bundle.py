@@ -145,6 +145,16 @@ def test_blur_augmentation_is_off_by_default_and_smooths_at_the_configured_rate(
     assert blur.prob == 0.5 and tuple(blur.rand_smooth.sigma_x) == (0.5, 1.0)
 
 
+def test_histogram_shift_augmentation_is_off_by_default_and_remaps_intensities_at_the_configured_rate(tmp_path, cohort):
+    def shifts(**override):
+        parser = _workflow(_configs("train"), tmp_path, cohort, **override).parser
+        return [t for t in parser.get_parsed_content("train#intensity_augmentation") if type(t).__name__ == "RandHistogramShiftd"]
+
+    assert shifts() == []
+    [shift] = shifts(augment_histogram_prob=0.5, augment_histogram_points=6)
+    assert shift.prob == 0.5 and shift.shifter.num_control_points == (6, 6)
+
+
 @pytest.mark.parametrize(
     "configs, workflow_type",
     [(("train",), "train"), (("train", "train_ad"), "train"), (("inference",), "inference")],
