@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 DEMO_DIR ?= runs/demo
 PY := $(VENV)/bin/python
 
-.PHONY: setup test demo bench bundles clean
+.PHONY: setup test test-deploy demo bench bundles clean
 
 setup: $(VENV)/.installed
 
@@ -23,6 +23,14 @@ $(VENV)/.installed: pyproject.toml
 test: setup
 	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
 
+# the MONAI Deploy app's test, in its own environment: the SDK brings holoscan and a CUDA runtime (~1.5 GB)
+DEPLOY_VENV ?= .venv-deploy
+test-deploy:
+	test -x $(DEPLOY_VENV)/bin/python || $(PYTHON) -m venv $(DEPLOY_VENV)
+	$(DEPLOY_VENV)/bin/python -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(DEPLOY_VENV)/bin/python -m pip install -q -e ".[test,deploy]"
+	ulimit -s 32768; $(DEPLOY_VENV)/bin/python -m pytest -n 0 tests/data_prep/test_deploy_app.py
+
 demo: setup
 	$(PY) -m data_prep demo --out $(DEMO_DIR)
 
@@ -33,4 +41,4 @@ bundles: setup
 	$(PY) -m data_prep package-bundles --out_dir dist
 
 clean:
-	rm -rf $(VENV) runs dist .pytest_cache
+	rm -rf $(VENV) $(DEPLOY_VENV) runs dist .pytest_cache
