@@ -22,7 +22,9 @@ Parts (``--parts``, default all):
   (``--ablations``; first seed), learning curves and test MAE beside the default's;
 - ``transfer``: each default model on cohorts simulated with other settings (``TRANSFER_COHORTS``: other
   seed and sites, each site with its own mix of ageing effects; and the same with another overall mix)
-  and, when present, on the ten real IXI heads of ``--ixi_dir`` preprocessed at 4 mm, beside ridge.
+  and, when present, on the ten real IXI heads of ``--ixi_dir`` preprocessed at 4 mm, beside ridge;
+- ``cues``: each default model on cohorts where one ageing effect alone ages the brain (``CUE_COHORTS``),
+  beside ridge: which of the simulator's effects the models read.
 
 Writes ``<out>/results.json``, and ``evidence.md`` plus ``figures/learning_curves.png`` into ``--docs``
 (the slice bundle's docs). Run: ``python benchmarks/slice_evidence.py --out runs/evidence``.
@@ -52,7 +54,7 @@ from data_prep.demo import bundle_run, children_cpu_seconds
 CONFIGS = REPO / "bundles" / "slice_cnn_brainage" / "configs"
 TRAIN, EVALUATE = CONFIGS / "train.json", CONFIGS / "evaluate.json"
 TRAIN_AD, EVALUATE_AD = CONFIGS / "train_ad.json", CONFIGS / "evaluate_ad.json"
-PARTS = ("default", "small", "variants", "ad", "transfer", "ablation")
+PARTS = ("default", "small", "variants", "ad", "transfer", "ablation", "cues")
 ABLATIONS = {"no_precise_bn": ("no precise batch norm (running statistics)", {"precise_bn_batches": 0}),
              "no_weight_averaging": ("no weight averaging", {"ema_epochs": 0})}
 AGGREGATIONS = ("mean", "max", "attention", "transformer")
@@ -65,6 +67,10 @@ TRANSFER_COHORTS = {
     "shifted": ({**OTHER_SITES, "ventricle_scale": 1.3, "atrophy_scale": 0.7, "contrast_scale": 1.5, "lesion_scale": 0.5},
                 "the same with another overall mix: ventricles x1.3, atrophy x0.7, contrast x1.5, lesions x0.5"),
 }
+
+EFFECTS = ("ventricle", "atrophy", "contrast", "lesion")  # the simulator's ageing effects (simulate-cohort --*_scale)
+CUE_COHORTS = {effect: {"n": 90, "resolution": 4, "seed": 11, **{f"{e}_scale": float(e == effect) for e in EFFECTS}}
+               for effect in EFFECTS}
 
 
 # ------------------------------------------------------------------------------------------- running
@@ -220,6 +226,19 @@ def part_transfer(out: Path, model_roots: dict, datalist: Path, ixi_dir: Path | 
     return {"network": result, "ridge": {name: ridge[f"ridge_{name}"] for name in elsewhere}}
 
 
+def part_cues(out: Path, model_roots: dict, datalist: Path) -> dict:
+    """Which ageing effect the trained models read: each scored on cohorts where one effect alone ages the
+    brain (the others at 0), beside ridge fitted on the models' training split."""
+    alone = {effect: all_as_test(cohort(out, f"cue_{effect}", settings), out / "data" / f"cue_{effect}_all.json")
+             for effect, settings in CUE_COHORTS.items()}
+    result = {effect: {seed: score_on(root, path, f"cue_{effect}") for seed, root in model_roots.items()}
+              for effect, path in alone.items()}
+    splits = read_datalist(datalist)
+    ridge = age_baselines(splits["training"], splits["validation"], splits["test"],
+                          elsewhere={effect: read_datalist(path)["test"] for effect, path in alone.items()})
+    return {"network": result, "ridge": {effect: ridge[f"ridge_{effect}"] for effect in alone}}
+
+
 # ------------------------------------------------------------------------------------------ reporting
 
 
@@ -260,7 +279,8 @@ def stability(curve: dict, from_epoch: int = 10) -> dict:
 
 def markdown(results: dict, args) -> str:
     lines = ["# Slice network: evidence", "",
-             f"Made by `python benchmarks/slice_evidence.py {' '.join(sys.argv[1:])}` "
+             f"Made by `python benchmarks/slice_evidence.py --out {args.out} --parts "
+             f"{','.join(p for p in PARTS if p in results)}` (each part may run on its own; finished runs are reused) "
              f"on {platform.processor() or platform.machine()} ({results['cpu']}), torch threads "
              f"{results['threads']}. Every row is the bundle's train.json + evaluate.json with the overrides shown.",
              ""]
@@ -332,19 +352,32 @@ def markdown(results: dict, args) -> str:
         part = results["transfer"]
         seeds = len(next(iter(part["network"].values())))
         lines += [f"## Transfer: the default models ({seeds} seed{'s' if seeds > 1 else ''}) on data they were not trained on", "",
-                  "Ridge on 8 mm voxels, fitted on the same training split, scored on the same data for comparison.", "",
-                  "| data | n | MAE | Pearson r | mean gap | ridge MAE | ridge r | ridge mean gap |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "Ridge on 8 mm voxels, fitted on the same training split, scored on the same data for comparison.", ""]
         labels = {**{name: f"simulated: {label}" for name, (_, label) in TRANSFER_COHORTS.items()},
                   "ixi": "ten real IXI heads (ages 23-51), `preprocess --resolution 4`"}
-        for key, runs in part["network"].items():
-            b = part["ridge"][key]
-            lines.append(f"| {labels[key]} | {next(iter(runs.values()))['n']} | {mean_sd(m['mae'] for m in runs.values())} | "
-                         f"{mean_sd(m['pearson_r'] for m in runs.values())} | {mean_sd(m['mean_gap'] for m in runs.values())} | "
-                         f"{b['mae']:.2f} | {b['pearson_r']:.3f} | {b['mean_gap']:+.2f} |")
+        lines += scored_table(part, labels)
         lines += ["", "First seed's model:", "",
                   *(f"![predicted vs true age, {key}](figures/transfer_{key}.png)" for key in part["network"]), ""]
+    if "cues" in results:
+        settings = next(iter(CUE_COHORTS.values()))
+        lines += ["## Which ageing effect the default models read", "",
+                  f"Cohorts of {settings['n']} subjects ({settings['resolution']} mm, seed {settings['seed']}) in which one "
+                  "of the simulator's ageing effects alone ages the brain (`simulate-cohort --<effect>_scale 1`, the "
+                  "others 0), scored by the default models and by ridge as trained above.", ""]
+        lines += scored_table(results["cues"], {effect: f"{effect} alone" for effect in EFFECTS}) + [""]
     return "\n".join(lines)
+
+
+def scored_table(part: dict, labels: dict) -> list[str]:
+    """Markdown rows of the network (mean +/- SD over seeds) and ridge on each dataset of ``part``."""
+    lines = ["| data | n | MAE | Pearson r | mean gap | ridge MAE | ridge r | ridge mean gap |",
+             "|---|---|---|---|---|---|---|---|"]
+    for key, runs in part["network"].items():
+        b = part["ridge"][key]
+        lines.append(f"| {labels[key]} | {next(iter(runs.values()))['n']} | {mean_sd(m['mae'] for m in runs.values())} | "
+                     f"{mean_sd(m['pearson_r'] for m in runs.values())} | {mean_sd(m['mean_gap'] for m in runs.values())} | "
+                     f"{b['mae']:.2f} | {b['pearson_r']:.3f} | {b['mean_gap']:+.2f} |")
+    return lines
 
 
 def cpu_features() -> str:
@@ -382,7 +415,8 @@ def main() -> None:
 
     results_file = out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
-    results.update(cpu=cpu_features(), threads=torch.get_num_threads())
+    results["cpu"] = cpu_features()
+    results.setdefault("threads", torch.get_num_threads())  # the trainings' (later parts may score only)
     datalist = cohort(out, "cohort400", COHORT)
     default_root = out / "default" / f"seed{args.seeds[0]}"
     for part in parts:
@@ -397,11 +431,12 @@ def main() -> None:
                                     default_root / "models" / "model.pt" if args.ad_from_brain_age else None)
         elif part == "ablation":
             results["ablation"] = part_ablation(out, args.seeds[0], datalist, args.ablations)
-        elif part == "transfer":
+        elif part in ("transfer", "cues"):
             roots = {seed: out / "default" / f"seed{seed}" for seed in args.seeds}
             if not all((root / "models" / "model.pt").is_file() for root in roots.values()):
                 results["default"] = part_default(out, args.seeds, datalist)
-            results["transfer"] = part_transfer(out, roots, datalist, Path(args.ixi_dir) if args.ixi_dir else None)
+            results[part] = (part_transfer(out, roots, datalist, Path(args.ixi_dir) if args.ixi_dir else None)
+                             if part == "transfer" else part_cues(out, roots, datalist))
         results_file.parent.mkdir(parents=True, exist_ok=True)
         results_file.write_text(json.dumps(results, indent=1, default=str))
         print(f"{part}: done", flush=True)
