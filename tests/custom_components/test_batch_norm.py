@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 from torch import nn
 
 from custom_components.batch_norm import PreciseBatchNorm, batch_norm_layers, recompute_batch_norm_statistics

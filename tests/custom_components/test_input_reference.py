@@ -4,7 +4,6 @@ resized onto the grid, a contrast-inverted (T2-like) brain, an un-normalised bra
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -3,7 +3,6 @@ passed in memory, the network loaded with ``monai.bundle.load``."""
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
