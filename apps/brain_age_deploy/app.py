@@ -23,6 +23,8 @@ import math
 import sys
 from pathlib import Path
 
+from ignite.engine import Events
+from monai.bundle import ConfigWorkflow
 from monai.deploy.conditions import CountCondition
 from monai.deploy.core import Application, Operator, OperatorSpec
 
@@ -55,9 +57,6 @@ def read_records(folder: Path) -> list[dict]:
 
 def predict(bundle: Path, records: list[dict], work_dir: Path) -> dict[str, dict]:
     """Run the bundle's ``configs/inference.json`` on ``records``; return its postprocessed outputs by subject."""
-    from ignite.engine import Events
-    from monai.bundle import ConfigWorkflow
-
     if not (bundle / "configs" / "inference.json").is_file():
         raise FileNotFoundError(f"model path {bundle} is not an unzipped bundle (no configs/inference.json)")
     if str(bundle) not in sys.path:
