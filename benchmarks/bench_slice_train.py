@@ -2,8 +2,9 @@
 
 Every variant trains the same network (MSE, Adam lr 1e-4, weight decay 1e-4, as the bundle) on one
 fixed random batch; the variants are timed in this one process, round-robin, median of ``--repeats``.
-"eager_fp32" is the baseline and, with batch norm in sfcn2d, also the bundle's default path (``compile``
-is a train.json key, off by default); the "instance_*" variants use the paper's instance norm. FLOPs of
+"eager_fp32" is the baseline; the bundle's default CPU path (marked *) is channels-last, with bf16 autocast
+where the CPU computes bf16 natively (``cpu_bf16``; ``compile`` is a train.json key, off by default); the
+"instance_*" variants use the paper's instance norm. FLOPs of
 one training step are counted by torch's FlopCounterMode (convolutions and matrix products) during the
 baseline's warm-up step. The achieved rate is compared with a
 large matrix multiply in the variant's precision, measured in the same run. Peak memory is the highest
@@ -27,6 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PeakRSS, interleaved_medians, matmul_flops_per_second, seconds  # noqa: E402
 
+from custom_components.hardware import cpu_has_fast_bf16  # noqa: E402
 from custom_components.networks.slice_set import SliceSetNet  # noqa: E402
 
 
@@ -53,7 +55,8 @@ VARIANTS = {
     "instance_fused_compile": Variant({**PAPER_NORM, "fused_norm_pool": True}, compile=True),
 }
 BASELINE = "eager_fp32"
-DEFAULT_PATH = "eager_fp32"  # the bundle's train.json: compile false, AMP on CUDA only
+# the bundle's train.json on a CPU: channels_last, cpu_bf16 where bf16 is native, compile false
+DEFAULT_PATH = "channels_last_bf16" if cpu_has_fast_bf16() else "channels_last"
 
 
 class Runner:

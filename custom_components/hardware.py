@@ -2,14 +2,22 @@
 
 CPU autocast to bfloat16 pays only where the CPU has bfloat16 instructions (AMX or AVX-512 BF16): on
 such a CPU the slice network trains 1.8x faster in bf16, 3.6x with channels-last as well
-(``benchmarks/bench_slice_train.py``). On AVX2-only CPUs bf16 is emulated and slower than float32.
+(``benchmarks/bench_slice_train.py``). On AVX2-only CPUs bf16 is emulated and 8-11x slower than float32
+(the same benchmark with PyTorch capped to AVX2: ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2``), so
+a cap set by the user counts as well as the CPU's flags.
 """
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 
+import torch
+
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+# oneDNN instruction-set caps (ONEDNN_MAX_CPU_ISA) below its bfloat16 kernels
+ONEDNN_ISAS_WITHOUT_BF16 = frozenset({"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE",
+                                      "AVX512_CORE_VNNI"})
 
 
 @lru_cache(maxsize=4)
@@ -24,5 +32,8 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
 
 
 def cpu_has_fast_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """True when this CPU computes bfloat16 natively (AMX or AVX-512 BF16)."""
-    return any(flag in cpu_flags(cpuinfo) for flag in BF16_CPU_FLAGS)
+    """True when this CPU computes bfloat16 natively (AMX or AVX-512 BF16) and PyTorch may use it: its
+    kernels not capped below AVX-512 (``ATEN_CPU_CAPABILITY``) nor oneDNN's below bf16 (``ONEDNN_MAX_CPU_ISA``)."""
+    return (any(flag in cpu_flags(cpuinfo) for flag in BF16_CPU_FLAGS)
+            and torch.backends.cpu.get_cpu_capability() == "AVX512"
+            and os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() not in ONEDNN_ISAS_WITHOUT_BF16)

@@ -50,9 +50,17 @@ def test_slice_network_predicts_ages_in_bfloat16_close_to_float32():
     assert not torch.equal(out, out.bfloat16().float())  # not on bfloat16's grid of values
 
 
-def test_fast_bf16_is_read_from_the_cpu_flags(tmp_path):
+def test_fast_bf16_is_read_from_the_cpu_flags_and_the_users_instruction_set_caps(tmp_path, monkeypatch):
     amx, avx2 = tmp_path / "amx", tmp_path / "avx2"
     amx.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f amx_bf16 amx_tile\n")
     avx2.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 fma\n")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     assert cpu_has_fast_bf16(amx) and not cpu_has_fast_bf16(avx2)
     assert not cpu_has_fast_bf16(tmp_path / "missing")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")  # oneDNN capped below its bf16 kernels
+    assert not cpu_has_fast_bf16(amx)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    assert cpu_has_fast_bf16(amx)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")  # ATEN_CPU_CAPABILITY=avx2
+    assert not cpu_has_fast_bf16(amx)
