@@ -66,16 +66,7 @@ def package_bundles(out_dir: str = "dist", bundles=("slice_cnn_brainage", "tgb_g
 
 def _read_overrides(overrides) -> dict:
     """``overrides`` as a dict: given as one, or the path of a JSON file holding one."""
-    if overrides is None or isinstance(overrides, dict):
-        return dict(overrides or {})
-    path = Path(str(overrides))
-    try:
-        content = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise InputError(f"overrides: give a dict or a JSON file of one; {path}: {err}") from None
-    if not isinstance(content, dict):
-        raise InputError(f"{path}: overrides are a JSON object of id -> value, not a {type(content).__name__}")
-    return content
+    return {} if overrides is None else _json_object(overrides, "overrides", "id -> value")
 
 
 def _read_metrics(eval_metrics) -> dict[str, float] | None:
@@ -83,20 +74,27 @@ def _read_metrics(eval_metrics) -> dict[str, float] | None:
     prefixed by the file's name up to ``metrics`` (``test_metrics.json`` -> ``test_``)."""
     if eval_metrics is None:
         return None
-    prefix, content = "", eval_metrics
-    if not isinstance(eval_metrics, dict):
-        path = Path(str(eval_metrics))
-        try:
-            content = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise InputError(f"eval_metrics: give a dict or a JSON file of one; {path}: {err}") from None
-        prefix = path.stem.removesuffix("metrics")
-    items = content.items() if isinstance(content, dict) else ()
-    numbers = {f"{prefix}{key}": value for key, value in items
+    content = _json_object(eval_metrics, "eval_metrics", "metric name -> number")
+    prefix = "" if isinstance(eval_metrics, dict) else Path(str(eval_metrics)).stem.removesuffix("metrics")
+    numbers = {f"{prefix}{key}": value for key, value in content.items()
                if isinstance(value, (int, float)) and not isinstance(value, bool)}
     if not numbers:
         raise InputError(f"eval_metrics {eval_metrics}: no metric values in it (a JSON object of name -> number)")
     return numbers
+
+
+def _json_object(value, option: str, holds: str) -> dict:
+    """``value`` itself when a dict, else the JSON object in the file it names; InputError naming the file."""
+    if isinstance(value, dict):
+        return dict(value)
+    path = Path(str(value))
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise InputError(f"{option}: give a dict or a JSON file of one; {path}: {err}") from None
+    if not isinstance(content, dict):
+        raise InputError(f"{path}: {option} are a JSON object of {holds}, not a {type(content).__name__}")
+    return content
 
 
 def _with_overrides(configs: dict[str, bytes], overrides: dict, bundle: str) -> dict[str, bytes]:
