@@ -28,42 +28,39 @@ from monai.bundle import ConfigWorkflow
 from monai.deploy.conditions import CountCondition
 from monai.deploy.core import Application, Operator, OperatorSpec
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 AGES_FILE = "ages.csv"
 OUTPUT_FILE = "brain_age.json"
 OUTPUT_KEYS = {"predicted_age": "pred", "brain_age_gap": "brain_age_gap", "corrected_gap": "corrected_gap"}
 
 
-def read_records(folder: Path) -> list[dict]:
-    """One record per NIfTI volume in ``folder``: image, subject and, when ``ages.csv`` is there (it must then
-    list every volume), age."""
-    if not folder.is_dir():
-        raise FileNotFoundError(f"input {folder} is not a folder of NIfTI volumes")
-    files = sorted(p for p in folder.iterdir() if p.name.endswith(NIFTI_SUFFIXES))
-    if not files:
-        raise FileNotFoundError(f"no .nii or .nii.gz files in {folder}")
-    ages = {}
-    if (folder / AGES_FILE).is_file():
-        with open(folder / AGES_FILE, newline="") as handle:
-            rows = list(csv.DictReader(handle))
-        if rows and not {"subject", "age"} <= set(rows[0]):
-            raise ValueError(f"{folder / AGES_FILE}: needs the columns subject and age, has {sorted(rows[0])}")
-        ages = {row["subject"]: float(row["age"]) for row in rows}
-    subjects = [p.name.split(".nii")[0] for p in files]
-    if ages and (missing := [s for s in subjects if s not in ages]):
-        raise ValueError(f"{folder / AGES_FILE} lists no age for {', '.join(missing)}: list every volume, or none")
-    return [{"image": str(p), "subject": s, **({"age": ages[s]} if ages else {})} for p, s in zip(files, subjects)]
+def read_ages(folder: Path) -> dict[str, float]:
+    """Subject -> age from ``folder/ages.csv``; empty when there is no such file."""
+    if not (folder / AGES_FILE).is_file():
+        return {}
+    with open(folder / AGES_FILE, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if rows and not {"subject", "age"} <= set(rows[0]):
+        raise ValueError(f"{folder / AGES_FILE}: needs the columns subject and age, has {sorted(rows[0])}")
+    return {row["subject"]: float(row["age"]) for row in rows}
 
 
-def predict(bundle: Path, records: list[dict], work_dir: Path) -> dict[str, dict]:
-    """Run the bundle's ``configs/inference.json`` on ``records``; return its postprocessed outputs by subject."""
+def predict(bundle: Path, folder: Path, work_dir: Path) -> dict[str, dict]:
+    """Run the bundle's ``configs/inference.json`` on the volumes of ``folder`` (listed by the bundle itself,
+    its ``input_dir``), with their ages when ``ages.csv`` lists them (then it must list every volume);
+    return its postprocessed outputs by subject."""
     if not (bundle / "configs" / "inference.json").is_file():
         raise FileNotFoundError(f"model path {bundle} is not an unzipped bundle (no configs/inference.json)")
     if str(bundle) not in sys.path:
         sys.path.insert(0, str(bundle))  # the bundle's vendored scripts/ package
     workflow = ConfigWorkflow(config_file=str(bundle / "configs" / "inference.json"),
                               meta_file=str(bundle / "configs" / "metadata.json"), workflow_type="inference",
-                              bundle_root=str(bundle), output_dir=str(work_dir), datalist=records)
+                              bundle_root=str(bundle), input_dir=str(folder), output_dir=str(work_dir))
+    ages = read_ages(folder)
+    if ages:
+        records = workflow.parser.get_parsed_content("datalist")
+        if missing := [r["subject"] for r in records if r["subject"] not in ages]:
+            raise ValueError(f"{folder / AGES_FILE} lists no age for {', '.join(missing)}: list every volume, or none")
+        workflow.parser["datalist"] = [{**r, "age": ages[r["subject"]]} for r in records]
     workflow.initialize()
     results: dict[str, dict] = {}
 
@@ -95,7 +92,7 @@ class BrainAgeOperator(Operator):
         spec.output("brain_age")
 
     def compute(self, op_input, op_output, context) -> None:
-        op_output.emit(predict(self.bundle_path, read_records(self.input_path), self.work_dir), "brain_age")
+        op_output.emit(predict(self.bundle_path, self.input_path, self.work_dir), "brain_age")
 
 
 class JsonWriterOperator(Operator):
