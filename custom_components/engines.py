@@ -13,6 +13,7 @@ from monai.utils import StrEnum
 from torch import nn
 from torch.optim import Optimizer
 
+from custom_components.batch_norm import recompute_batch_norm_statistics
 from custom_components.data import PrepareImageTarget
 from custom_components.losses import TaskGuidedGANLoss
 from custom_components.options import as_bool
@@ -99,6 +100,15 @@ class TaskGuidedGANTrainer(Trainer):
         warmup_optimizer: the optimiser of the warm-up steps (its own learning rate and moments, so a fast
             reconstruction warm-up does not disturb the adversarial phase's Adam state); defaults to
             ``g_optimizer``.
+        branch_optimizer: when given (and the loss has an age term), the branch learns age during the warm-up:
+            every warm-up iteration also trains it, with this optimiser, on the batch's real volumes and their
+            reconstructions (detached) together, on the loss's standardised age term; at the end of the
+            warm-up its batch-norm statistics are recomputed over the whole training loader (real volumes
+            and reconstructions, the final warm-up weights). Seeing both makes it read age the same way in
+            real and reconstructed volumes instead of reading the reconstruction's smoothing as age; with
+            ``train_regressor`` False it is then the fixed task loss of the adversarial phase, with no
+            separate pre-training run.
+        warmup_lr_schedulers: schedulers stepped once after every warm-up iteration (e.g. the branch's).
         grad_clip_norm: when given, clip each optimiser's gradients to this total 2-norm before stepping.
         train_regressor: False keeps the branch fixed: in eval mode (its saved batch-norm statistics) and
             without gradients to its parameters, while the age term still trains the generator through it.
@@ -130,6 +140,8 @@ class TaskGuidedGANTrainer(Trainer):
         d_train_steps: int = 1,
         warmup_iterations: int = 0,
         warmup_optimizer: Optimizer | None = None,
+        branch_optimizer: Optimizer | None = None,
+        warmup_lr_schedulers: Sequence | None = None,
         grad_clip_norm: float | None = None,
         train_regressor: bool = True,
         channels_last: bool = False,
@@ -198,6 +210,11 @@ class TaskGuidedGANTrainer(Trainer):
             warnings.warn(f"warmup_iterations={warmup_iterations} covers all {total} training iterations: the critic "
                           "and the age term are never trained; lower warmup_iterations or train longer", stacklevel=2)
         self.warmup_optimizer = g_optimizer if warmup_optimizer is None else warmup_optimizer
+        self.branch_optimizer = branch_optimizer if regressor is not None and loss.uses_age else None
+        self.warmup_lr_schedulers = list(warmup_lr_schedulers or [])
+        if self.branch_optimizer is not None and warmup_iterations == 0:
+            warnings.warn("branch_optimizer is given but warmup_iterations is 0: the branch learns age only during "
+                          "the warm-up, so it keeps its initial weights", stacklevel=2)
         self.grad_clip_norm = grad_clip_norm
         self.lr_schedulers = list(lr_schedulers or [])
         self.train_regressor = as_bool(train_regressor, "train_regressor")
@@ -245,18 +262,25 @@ class TaskGuidedGANTrainer(Trainer):
         for net in (engine.generator, engine.critic, engine.regressor):
             if net is not None:
                 net.train()
-        if engine.regressor is not None and not engine.train_regressor:
+        warmup = engine.state.iteration <= engine.warmup_iterations
+        branch_learns = warmup and engine.branch_optimizer is not None
+        if engine.regressor is not None and not engine.train_regressor and not branch_learns:
             engine.regressor.eval()
 
         with engine._autocast():
             fake = engine.generator(real)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
 
-        if engine.state.iteration <= engine.warmup_iterations:
+        if warmup:
             g_total, g_terms = loss.reconstruction_loss(fake, real)
             engine.fire_event(IterationEvents.LOSS_COMPLETED)
             engine._step("generator", g_total, g_terms, engine.warmup_optimizer, engine.g_scaler)
-            return engine._finish(real, fake, g_terms)
+            pred_age = engine._branch_warmup_step(real, fake, age, g_terms) if branch_learns else None
+            for scheduler in engine.warmup_lr_schedulers:
+                scheduler.step()
+            if branch_learns and engine.state.iteration == engine.warmup_iterations:
+                engine._settle_branch()
+            return engine._finish(real, fake, g_terms, age, pred_age)
 
         for _ in range(engine.d_train_steps):
             engine.fire_event(IterationEvents.INNER_ITERATION_STARTED)
@@ -275,6 +299,40 @@ class TaskGuidedGANTrainer(Trainer):
         for scheduler in engine.lr_schedulers:
             scheduler.step()
         return engine._finish(real, fake, {**g_terms, **d_terms}, age, pred_age)
+
+    def _branch_warmup_step(self, real: torch.Tensor, fake: torch.Tensor, age: torch.Tensor | None,
+                            terms: dict) -> torch.Tensor:
+        """One branch update on the real volumes and their detached reconstructions; adds ``branch_age_mse``
+        to ``terms`` and returns the branch's ages for the real volumes."""
+        if age is None:
+            raise ValueError("the branch learns age during the warm-up, but the batch has no ages")
+        pair = torch.cat([real, fake.detach()])
+        with self._autocast():
+            predicted = self.regressor(pair)
+            branch_total, branch_terms = self.loss_function.branch_loss(predicted, torch.cat([age, age]))
+        self._step("branch", branch_total, branch_terms, self.branch_optimizer, self.g_scaler)
+        terms.update(branch_terms)
+        return predicted[: real.shape[0]].detach()
+
+    @torch.no_grad()
+    def _settle_branch(self) -> None:
+        """Recompute the branch's batch-norm statistics with its final warm-up weights over the training
+        loader (real volumes and their reconstructions), so the fixed branch of the adversarial phase
+        normalises as it was trained, not with running averages of moving weights."""
+        def images():
+            for batchdata in self.data_loader:
+                real, _ = self.prepare_batch(batchdata, self.state.device, self.non_blocking, **self.to_kwargs)
+                if self.channels_last:
+                    real = real.contiguous(memory_format=torch.channels_last_3d)
+                with self._autocast():
+                    fake = self.generator(real)
+                yield torch.cat([real, fake.to(real.dtype)])
+
+        def forward(batch: torch.Tensor, network: nn.Module) -> torch.Tensor:
+            with self._autocast():
+                return network(batch)
+
+        recompute_batch_norm_statistics(self.regressor, images(), inferer=forward)
 
     def _finish(self, real: torch.Tensor, fake: torch.Tensor, terms: Mapping[str, torch.Tensor],
                 age: torch.Tensor | None = None, pred_age: torch.Tensor | None = None) -> list[dict[str, Any]]:

@@ -112,6 +112,21 @@ class TaskGuidedGANLoss(nn.Module):
         total = self.l1_weight * l1
         return total, {"l1": l1.detach(), "g_loss": total.detach()}
 
+    @staticmethod
+    def _age_mse(predicted_age: torch.Tensor, age: torch.Tensor) -> torch.Tensor:
+        if predicted_age.numel() != age.numel():
+            raise ValueError(
+                f"predicted_age and age hold different numbers of values: {predicted_age.numel()} vs {age.numel()}"
+            )
+        return F.mse_loss(predicted_age.reshape(-1).float(), age.reshape(-1).float())
+
+    def branch_loss(self, predicted_age: torch.Tensor, age: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The branch's own objective while it learns age (the trainer's warm-up): MSE on standardised ages,
+        ``MSE(R(x), age) / age_scale^2``, unweighted; terms ``branch_age_mse`` (in years^2) and ``branch_loss``."""
+        age_mse = self._age_mse(predicted_age, age)
+        total = age_mse / self.age_scale**2
+        return total, {"branch_age_mse": age_mse.detach(), "branch_loss": total.detach()}
+
     def generator_loss(
         self,
         fake_scores: torch.Tensor,
@@ -131,11 +146,7 @@ class TaskGuidedGANLoss(nn.Module):
         if self.uses_age:
             if predicted_age is None or age is None:
                 raise ValueError("age_weight > 0 needs predicted_age and age; set age_weight=0 for the ablation")
-            if predicted_age.numel() != age.numel():
-                raise ValueError(
-                    f"predicted_age and age hold different numbers of values: {predicted_age.numel()} vs {age.numel()}"
-                )
-            age_mse = F.mse_loss(predicted_age.reshape(-1).float(), age.reshape(-1).float())
+            age_mse = self._age_mse(predicted_age, age)
             total = total + self.age_weight * age_mse / self.age_scale**2
             terms["age_mse"] = age_mse.detach()
         terms["g_loss"] = total.detach()

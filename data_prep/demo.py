@@ -36,14 +36,6 @@ IXI_SAMPLE = REPO.parent / "shared" / "data" / "ixi_sample"
 SLICE_CONFIGS = Path("bundles") / "slice_cnn_brainage" / "configs"
 GAN_CONFIGS = Path("bundles") / "tgb_gan_augment" / "configs"
 
-# Sizes of the demo's networks, chosen so the whole demo fits in 20 minutes on a 2-core CPU (README).
-# Each dict holds bundle config keys and is passed as ``--key value`` overrides; run_demo's arguments of the
-# same names are merged over them. *_network keys shape the network (every config that builds it gets
-# them); *_training keys exist in the training config only.
-GAN_NETWORK = {"network_def#encoder_channels": [8, 16, 32, 32], "network_def#decoder_channels": [32, 16, 8, 8]}
-GAN_TRAINING = {"critic_def#channels": [8, 16, 32, 32], "regressor_def#channels": [8, 16, 32, 64]}
-SLICE_NETWORK: dict = {}  # the bundle's defaults
-SLICE_TRAINING: dict = {}
 AD_FRACTION = 0.5
 AD_COHORT_AGE_MIN = 55.0  # the simulator's youngest AD age, so controls are age-matched
 
@@ -112,13 +104,11 @@ class DemoSettings:
     slice_training: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        """The four override dicts are merged over the demo's defaults of the same names."""
-        for name, defaults in (("gan_network", GAN_NETWORK), ("gan_training", GAN_TRAINING),
-                               ("slice_network", SLICE_NETWORK), ("slice_training", SLICE_TRAINING)):
+        """The four override dicts hold bundle config keys (the networks run at the bundles' defaults)."""
+        for name in ("gan_network", "gan_training", "slice_network", "slice_training"):
             given = getattr(self, name)
             if not isinstance(given, dict):
                 raise InputError(f"demo: {name} must be a dict of bundle config keys, got {given!r}")
-            object.__setattr__(self, name, {**defaults, **given})
 
     @property
     def image_size(self) -> list[int]:
@@ -277,7 +267,8 @@ def run_demo(out: str = "runs/demo", n_subjects: int = DemoSettings.n_subjects,
         slice_epochs: epochs of each brain-age slice-network training (real only; real + synthetic).
         ad_epochs: epochs of the AD-detection training.
         gan_network, gan_training, slice_network, slice_training: bundle config overrides (``{"key#sub":
-            value}``) merged over the demo's defaults (GAN_NETWORK, ... in data_prep/demo.py).
+            value}``) over the bundles' defaults: *_network keys shape a network (every config that builds
+            it gets them), *_training keys exist in the training config only.
         ixi_sample: folder of raw IXI scans with a participants.tsv; its steps are skipped if it is missing.
         skip_ixi: skip the IXI preprocessing and prediction steps.
     """

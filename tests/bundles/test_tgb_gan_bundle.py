@@ -95,7 +95,7 @@ def test_train_writes_checkpoints_figures_and_metrics(trained):
 
     last = torch.load(root / "models" / "checkpoint_last.pt", weights_only=True)
     assert set(last) == {"generator", "critic", "regressor", "g_optimizer", "d_optimizer", "warmup_optimizer",
-                         "g_lr_scheduler", "d_lr_scheduler", "trainer"}
+                         "branch_optimizer", "g_lr_scheduler", "d_lr_scheduler", "branch_lr_scheduler", "trainer"}
     assert last["trainer"]["iteration"] == 2 * last["trainer"]["epoch_length"]
     assert last["g_lr_scheduler"]["last_epoch"] == last["trainer"]["iteration"]  # stepped per adversarial iteration
     model = torch.load(root / "models" / "model.pt", weights_only=True)  # the generator's plain state dict

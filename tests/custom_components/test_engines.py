@@ -308,3 +308,51 @@ def test_fixed_branch_trains_the_generator_through_it_and_stays_as_it_was(train_
     assert not trainer.regressor.training
     assert all(changed(before_generator[0], trainer.generator))
     assert "age_mse" in trainer.state.output[0][TGBGANKeys.LOSSES]
+
+
+def test_branch_learns_age_in_the_warm_up_then_stays_fixed_with_statistics_of_its_final_weights():
+    """The default recipe: during the L1 warm-up the branch learns age on real volumes and their
+    reconstructions; at the warm-up's end its batch-norm statistics are recomputed with those weights over
+    the training loader; in the adversarial phase it is a fixed task loss."""
+    from custom_components.batch_norm import batch_norm_layers
+    from custom_components.networks.age_cnn3d import AgeCNN3d
+
+    torch.manual_seed(0)
+    loader = make_loader(n=8, batch_size=4)  # 2 iterations per epoch
+    regressor = AgeCNN3d(channels=(4, 8), init_bias=30.0, output_scale=10.0, dropout=0.0)
+    branch_optimizer = torch.optim.Adam(regressor.parameters(), lr=1e-2)
+    trainer = make_trainer(loader=loader, max_epochs=2, warmup_iterations=2, train_regressor=False,
+                           branch_optimizer=branch_optimizer,
+                           warmup_lr_schedulers=[torch.optim.lr_scheduler.StepLR(branch_optimizer, 1, 0.5)])
+    trainer.regressor = regressor
+    trainer.g_optimizer = torch.optim.Adam(trainer.generator.parameters(), lr=1e-3)
+    start = snapshot(regressor)[0]
+    first_bn = batch_norm_layers(regressor)[0]
+    after_warmup = {}
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def record(engine):
+        losses = engine.state.output[0][TGBGANKeys.LOSSES]
+        in_warmup = engine.state.iteration <= 2
+        assert ("branch_loss" in losses) == in_warmup and ("age_mse" in losses) != in_warmup
+        if engine.state.iteration == 2:  # the warm-up's end: the statistics were just recomputed
+            after_warmup["params"] = snapshot(regressor)[0]
+            after_warmup["buffers"] = [b.clone() for b in regressor.buffers()]
+            inputs = []
+            handle = first_bn.register_forward_hook(lambda m, args, out: inputs.append(args[0].detach()))
+            with torch.no_grad():
+                for batch in loader:
+                    real = torch.as_tensor(batch["image"])
+                    regressor(torch.cat([real, engine.generator(real)]))
+            handle.remove()
+            after_warmup["expected_mean"] = torch.stack([x.mean(dim=(0, 2, 3, 4)) for x in inputs]).mean(0)
+
+    trainer.run()
+    assert any(changed(start, regressor))  # it learned in the warm-up
+    assert branch_optimizer.param_groups[0]["lr"] == pytest.approx(2.5e-3)  # its scheduler stepped twice
+    assert not any(changed(after_warmup["params"], regressor))  # and stayed fixed afterwards
+    assert all(torch.equal(a, b) for a, b in zip(after_warmup["buffers"], regressor.buffers()))
+    assert not regressor.training
+    # the recomputed statistics: the final warm-up weights over real volumes + reconstructions of every batch
+    torch.testing.assert_close(first_bn.running_mean, after_warmup["expected_mean"], rtol=1e-4, atol=1e-5)
+    assert int(first_bn.num_batches_tracked) == len(loader)

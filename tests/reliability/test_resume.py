@@ -32,7 +32,8 @@ BUNDLE_CASES = {
     "slice_cnn_brainage": ({**SLICE_TINY, "batch_size": 2}, ["model", "bias_correction", "optimizer", "training_model",
                                                               "weight_average", "lr_scheduler", "trainer"]),
     "tgb_gan_augment": ({**GAN_TINY, "batch_size": 2}, ["generator", "critic", "regressor", "g_optimizer", "d_optimizer",
-                                                          "warmup_optimizer", "g_lr_scheduler", "d_lr_scheduler", "trainer"]),
+                                                          "warmup_optimizer", "branch_optimizer", "g_lr_scheduler", "d_lr_scheduler",
+                                                          "branch_lr_scheduler", "trainer"]),
 }
 
 
