@@ -19,12 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.anatomy import template_anatomy
-from data_prep.datalist import read_datalist
-from data_prep.simulate import CohortConfig, simulate_cohort, simulate_subjects
-from data_prep.volumes import save_nifti
-
+from brainage_core.datalist import read_datalist
+from brainage_core.volumes import save_nifti
 from custom_components.baselines import BLOCK, age_baselines
+from data_prep.anatomy import template_anatomy
+from data_prep.simulate import CohortConfig, simulate_cohort, simulate_subjects
 
 SUBJECTS_TIMED = 10
 MEMORY_SIZES = (20, 60)

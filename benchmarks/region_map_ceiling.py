@@ -25,8 +25,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from brainage_core.datalist import read_datalist
 from custom_components.region_maps import age_groups, map_auc
-from data_prep.datalist import read_datalist
 from data_prep.simulate import GROUND_TRUTH
 
 

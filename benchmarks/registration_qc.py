@@ -26,13 +26,13 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data_prep.grid import axis_angle_rotation, resample_to_grid  # noqa: E402
+from brainage_core.grid import axis_angle_rotation, resample_to_grid  # noqa: E402
+from brainage_core.volumes import load_volume, normalise_intensity  # noqa: E402
 from data_prep.preprocess import (MAX_MISALIGNMENT_MM, MIN_TEMPLATE_CORRELATION, register_scan,  # noqa: E402
                                   residual_misalignment_mm, template_on_grid)
 from data_prep.qc import normalised_correlation  # noqa: E402
 from data_prep.registration import use_itk_threads  # noqa: E402
 from data_prep.simulate import simulate_cohort  # noqa: E402
-from data_prep.volumes import load_volume, normalise_intensity  # noqa: E402
 
 LIMIT_MM, LIMIT_DEG = 6.0, 6.0  # errors at least this large must be flagged
 OUTPUT_RESOLUTION_MM = 4.0

@@ -22,11 +22,11 @@ from monai.bundle import run as run_bundle
 from monai.metrics import MultiScaleSSIMMetric
 from scipy import stats
 
+from brainage_core.datalist import read_datalist, write_datalist
+from brainage_core.volumes import atomic_path
 from custom_components.handlers import write_csv
 from custom_components.options import as_bool
 from custom_components.plots import plot_condition_bars
-from data_prep.datalist import read_datalist, write_datalist
-from data_prep.volumes import atomic_path
 
 REAL = "real"
 

@@ -14,8 +14,8 @@ from ignite.engine import Engine, Events
 from monai.handlers import from_engine
 from monai.utils import evenly_divisible_all_gather, string_list_all_gather
 
-from data_prep.grid import FIELD_OF_VIEW_MM, canonical_grid
-from data_prep.volumes import atomic_path, save_nifti
+from brainage_core.grid import FIELD_OF_VIEW_MM, canonical_grid
+from brainage_core.volumes import atomic_path, save_nifti
 
 from .brain_age import BiasCorrection, brain_age_metrics, pearson_r
 from .classification import detection_metrics

@@ -35,7 +35,7 @@ from monai.transforms import MapTransform
 from torch import nn
 from tqdm import tqdm
 
-from data_prep.volumes import InputError, atomic_path
+from brainage_core.volumes import InputError, atomic_path
 
 logger = logging.getLogger(__name__)
 FEATURES = ("mean_image_correlation", "intensity_distance", "outside_brain_fraction")

@@ -25,7 +25,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from data_prep.volumes import atomic_path, save_nifti
+from brainage_core.volumes import atomic_path, save_nifti
 
 from .plots import map_overlay_figure, save_figure
 from .synthesis import LatentSet, fit_age_direction

@@ -22,9 +22,9 @@ from ignite.handlers import Checkpoint
 from monai.data import load_decathlon_datalist
 from torch import nn
 
+from brainage_core.volumes import InputError
 from data_prep.validate import (ValidationReport, check_output_dir, lock_output_dir, validate_datalist,
                                 validate_records)
-from data_prep.volumes import InputError
 
 logger = logging.getLogger(__name__)
 TRACEBACK_ENV = "BRAINAGE_TRACEBACK"

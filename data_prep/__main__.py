@@ -10,7 +10,7 @@ import sys
 
 import fire
 
-from .volumes import InputError
+from brainage_core.volumes import InputError
 
 COMMANDS = {
     "ingest-ixi": ("data_prep.ingest", "ingest_ixi", "IXI demographics + T1 folder -> datalist JSON"),

@@ -15,7 +15,7 @@ from functools import lru_cache
 import numpy as np
 from scipy import ndimage as ndi
 
-from .grid import Grid, canonical_grid, resample_to_grid
+from brainage_core.grid import Grid, canonical_grid, resample_to_grid
 
 
 

@@ -25,11 +25,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from brainage_core.datalist import write_datalist
+from brainage_core.grid import canonical_grid
+from brainage_core.volumes import InputError, atomic_path
 from custom_components.options import as_bool
-
-from .datalist import write_datalist
-from .grid import canonical_grid
-from .volumes import InputError, atomic_path
 
 REPO = Path(__file__).resolve().parents[1]
 IXI_SAMPLE = REPO.parent / "shared" / "data" / "ixi_sample"

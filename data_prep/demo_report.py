@@ -19,9 +19,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from .datalist import read_datalist
+from brainage_core.datalist import read_datalist
+from brainage_core.volumes import InputError, atomic_path
+
 from .demo import DemoLayout, report_argv
-from .volumes import InputError, atomic_path
 
 IXI_WARNING = (
     "These two real IXI scans went through data_prep's preprocessing and the brain-age model trained above. "

@@ -27,8 +27,9 @@ import itk
 import pandas as pd
 from tqdm import tqdm
 
+from brainage_core.volumes import InputError, atomic_path
+
 from .ingest import Row, Skipped, Unusable, rows_to_datalist
-from .volumes import InputError, atomic_path
 
 DEFAULT_SALT = "brain-age-dicom"
 TAGS = {

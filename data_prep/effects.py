@@ -34,8 +34,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
+from brainage_core.grid import CENTRE_MM, Grid, rotation_matrix
+
 from .anatomy import Anatomy
-from .grid import CENTRE_MM, Grid, rotation_matrix
 
 AGE_REFERENCE = 20.0
 AGE_SPAN = 70.0

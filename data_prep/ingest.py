@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from .datalist import write_datalist
+from brainage_core.datalist import write_datalist
+from brainage_core.volumes import InputError, atomic_path
+
 from .splits import kfold_records, split_records
-from .volumes import InputError, atomic_path
 
 MAX_AGE = 120.0
 UNKNOWN_SITE = "unknown"

@@ -8,7 +8,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .volumes import atomic_path
+from brainage_core.volumes import atomic_path
 
 VIEWS = ("sagittal", "coronal", "axial")
 

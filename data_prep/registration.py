@@ -29,8 +29,8 @@ import itk
 import numpy as np
 from scipy import ndimage as ndi
 
-from .grid import rotation_matrix
-from .volumes import InputError
+from brainage_core.grid import rotation_matrix
+from brainage_core.volumes import InputError
 
 # Threads per process. Parallelism comes from worker processes instead: on the shared 2-core test machine
 # a registration that takes 5 s on one thread took over 4 minutes on two (thread synchronisation in every

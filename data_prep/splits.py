@@ -17,8 +17,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .datalist import SPLITS
-from .volumes import InputError
+from brainage_core.datalist import SPLITS
+from brainage_core.volumes import InputError
 
 Subject = tuple[str, list[dict]]
 

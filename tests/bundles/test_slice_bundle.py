@@ -21,10 +21,10 @@ from ignite.engine import Events
 from monai.bundle import ConfigParser, ConfigWorkflow, ckpt_export, verify_metadata, verify_net_in_out
 from monai.handlers import from_engine
 
+from brainage_core.datalist import write_datalist
+from brainage_core.grid import canonical_grid
+from brainage_core.volumes import InputError, save_nifti
 from custom_components.batch_norm import recompute_batch_norm_statistics
-from data_prep.datalist import write_datalist
-from data_prep.grid import canonical_grid
-from data_prep.volumes import InputError, save_nifti
 
 REPO = Path(__file__).resolve().parents[2]
 BUNDLE = REPO / "bundles" / "slice_cnn_brainage"

@@ -14,10 +14,10 @@ import torch
 from monai.bundle import ConfigWorkflow, ckpt_export, verify_metadata, verify_net_in_out
 from monai.data import load_net_with_metadata
 
+from brainage_core.datalist import read_datalist, write_datalist
+from brainage_core.grid import canonical_grid
+from brainage_core.volumes import save_nifti
 from custom_components.networks.tgb_gan import TGBGenerator
-from data_prep.datalist import read_datalist, write_datalist
-from data_prep.grid import canonical_grid
-from data_prep.volumes import save_nifti
 
 pytestmark = pytest.mark.slow
 

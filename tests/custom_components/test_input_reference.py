@@ -10,9 +10,9 @@ import pytest
 import torch
 from monai.transforms import Compose, LoadImaged, Orientationd, Resized
 
+from brainage_core.volumes import InputError
 from custom_components.input_reference import FEATURES, InputCheckd, InputReference
 from data_prep.simulate import simulate_cohort
-from data_prep.volumes import InputError
 
 RESOLUTION = 8.0
 SHAPE = (24, 24, 24)

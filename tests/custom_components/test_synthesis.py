@@ -10,12 +10,12 @@ import torch.nn.functional as F
 from monai.transforms import Compose, EnsureChannelFirstd, EnsureTyped, LoadImaged
 from torch import nn
 
+from brainage_core.datalist import read_datalist, write_datalist
+from brainage_core.grid import canonical_grid
+from brainage_core.volumes import save_nifti
 from custom_components.region_maps import map_auc, write_region_maps
 from custom_components.synthesis import (LatentSet, age_bins, bin_top_up_plan, encode_dataset, fit_age_direction,
                                          synthesise, traversal_plan)
-from data_prep.datalist import read_datalist, write_datalist
-from data_prep.grid import canonical_grid
-from data_prep.volumes import save_nifti
 
 SIZE, FACTOR = 16, 4
 AFFINE = canonical_grid(12.0).affine  # a real 16^3 RAS grid

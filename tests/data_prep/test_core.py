@@ -8,10 +8,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from brainage_core.datalist import read_datalist, write_datalist
+from brainage_core.grid import canonical_grid
+from brainage_core.volumes import InputError, atomic_path, load_volume, save_nifti
 from data_prep.__main__ import main
-from data_prep.datalist import read_datalist, write_datalist
-from data_prep.grid import canonical_grid
-from data_prep.volumes import InputError, atomic_path, load_volume, save_nifti
 
 
 @pytest.mark.parametrize("res, n", [(1, 192), (2, 96), (4, 48)])

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_prep.datalist import read_datalist
+from brainage_core.datalist import read_datalist
+from brainage_core.volumes import InputError
 from data_prep.demo import DemoLayout, DemoSettings, Step, StepFailed, demo_steps, ixi_sample_datalist, run_demo, run_step
-from data_prep.volumes import InputError
 
 REPO = Path(__file__).resolve().parents[2]
 TOY_RESOLUTION = 8.0  # 24^3 volumes

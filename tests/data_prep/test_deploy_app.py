@@ -16,9 +16,10 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
+from brainage_core.volumes import save_nifti
 from custom_components.brain_age import BiasCorrection
 from data_prep.packaging import BUNDLES_DIR, REPO, package_bundles
-from data_prep.volumes import save_nifti
+
 from test_packaging import CASES
 
 pytest.importorskip("holoscan")

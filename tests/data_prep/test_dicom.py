@@ -15,12 +15,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from brainage_core.datalist import read_datalist
+from brainage_core.grid import canonical_grid
+from brainage_core.volumes import InputError
 from data_prep.__main__ import main
-from data_prep.datalist import read_datalist
 from data_prep.dicom import ingest_dicom, is_t1_weighted, series_age
-from data_prep.grid import canonical_grid
 from data_prep.ingest import Unusable
-from data_prep.volumes import InputError
 
 SOURCE = "IXI012-HH-1211_T1.nii.gz"  # 120 x 120 x 90 voxels of 2 mm, sagittal slices
 SALT = "test-salt"

@@ -8,9 +8,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from data_prep.datalist import read_datalist
+from brainage_core.datalist import read_datalist
+from brainage_core.volumes import InputError
 from data_prep.ingest import ingest_bids, ingest_csv, ingest_ixi
-from data_prep.volumes import InputError
 
 
 def touch(path: Path) -> Path:

@@ -24,11 +24,11 @@ import torch
 import yaml
 from monai.bundle import ConfigParser, ConfigWorkflow, verify_metadata
 
+from brainage_core.volumes import save_nifti
 from custom_components.brain_age import BiasCorrection
 from custom_components.input_reference import InputReference
 from data_prep.__main__ import main
 from data_prep.packaging import BUNDLES_DIR, VENDORED, package_bundles
-from data_prep.volumes import save_nifti
 
 SCHEMA = Path(__file__).resolve().parents[3] / "shared" / "monai" / "meta_schema_20240725.json"
 SUBJECTS = ("a", "b", "c")
@@ -185,7 +185,7 @@ def test_package_holds_model_zoo_layout_and_only_rewritten_code(packaged):
     needs = {"slice_cnn_brainage": "networks/slice_set.py", "tgb_gan_augment": "networks/tgb_gan.py"}
     for bundle, module in needs.items():
         assert (f"scripts/custom_components/{module}" in modules) == (bundle == name)
-    assert "scripts/data_prep/volumes.py" in modules and "scripts/data_prep/preprocess.py" not in modules
+    assert "scripts/brainage_core/volumes.py" in modules and "scripts/data_prep/preprocess.py" not in modules
     for path in modules:
         for node in ast.walk(ast.parse(files[path])):
             imported = [a.name for a in node.names] if isinstance(node, ast.Import) else (

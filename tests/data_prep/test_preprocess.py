@@ -8,12 +8,12 @@ import pandas as pd
 import pytest
 from scipy import ndimage as ndi
 
-from data_prep.datalist import read_datalist, write_datalist
-from data_prep.grid import canonical_grid
+from brainage_core.datalist import read_datalist, write_datalist
+from brainage_core.grid import canonical_grid
+from brainage_core.volumes import InputError, normalise_intensity
 from data_prep.preprocess import (MAX_MISALIGNMENT_MM, MIN_TEMPLATE_CORRELATION, preprocess_command, preprocess_datalist,
                                   qc_failure, residual_misalignment_mm, template_on_grid)
 from data_prep.qc import normalised_correlation
-from data_prep.volumes import InputError, normalise_intensity
 
 RESOLUTION = 4.0  # 48^3: the fast grid; registration itself runs on the scans' own 2 mm voxels
 SUBJECTS = ("IXI012-HH-1211", "IXI015-HH-1258")

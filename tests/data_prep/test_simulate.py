@@ -15,13 +15,13 @@ from scipy import stats
 from sklearn.linear_model import Ridge
 from sklearn.model_selection import KFold, cross_val_predict
 
+from brainage_core.datalist import SPLITS, read_datalist
+from brainage_core.grid import canonical_grid
+from brainage_core.volumes import InputError
 from data_prep.__main__ import main
 from data_prep.anatomy import template_anatomy
-from data_prep.datalist import SPLITS, read_datalist
 from data_prep.effects import MAX_VENTRICLE_EXPANSION_MM, ventricle_pullback
-from data_prep.grid import canonical_grid
 from data_prep.simulate import CohortConfig, HeadPose, render_raw, simulate_cohort, simulate_subjects
-from data_prep.volumes import InputError
 
 RESOLUTION = 4.0
 SEED = 3

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
+from brainage_core.volumes import InputError
 from data_prep.splits import kfold_records, split_records
-from data_prep.volumes import InputError
 
 FRACTIONS = {"training": 0.7, "validation": 0.15, "test": 0.15}
 

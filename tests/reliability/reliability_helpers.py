@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from data_prep.datalist import write_datalist
-from data_prep.volumes import save_nifti
+from brainage_core.datalist import write_datalist
+from brainage_core.volumes import save_nifti
 
 REPO = Path(__file__).resolve().parents[2]
 BUNDLES = REPO / "bundles"

@@ -17,12 +17,12 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 
+from brainage_core.datalist import read_datalist
+from brainage_core.volumes import InputError, save_nifti
 from custom_components.networks.tgb_gan import TGBGenerator
 from custom_components.validation import user_error_message
 from data_prep.__main__ import main as data_prep_main
-from data_prep.datalist import read_datalist
 from data_prep.validate import validate_datalist
-from data_prep.volumes import InputError, save_nifti
 from reliability_helpers import AFFINE, BUNDLES, GAN_TINY, SIZE, SLICE_TINY, ball, bundle_command
 
 RNG = np.random.default_rng(1)

@@ -12,7 +12,7 @@ import pytest
 from monai.bundle import run
 from monai.data import load_decathlon_datalist
 
-from data_prep.volumes import save_nifti
+from brainage_core.volumes import save_nifti
 from reliability_helpers import AFFINE, BUNDLES, TINY_RUNS
 
 

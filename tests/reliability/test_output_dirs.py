@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from monai.bundle import ConfigWorkflow
 
+from brainage_core.volumes import InputError
 from custom_components.validation import user_error_message
 from data_prep.__main__ import main as data_prep_main
 from data_prep.validate import check_output_dir
-from data_prep.volumes import InputError
 from reliability_helpers import BUNDLES, GAN_TINY, SLICE_TINY
 
 Usage = namedtuple("Usage", "total used free")

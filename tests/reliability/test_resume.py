@@ -18,11 +18,11 @@ from ignite.engine import Engine, Events
 from monai.bundle import ConfigWorkflow
 from monai.handlers import CheckpointSaver
 
+from brainage_core.datalist import read_datalist
+from custom_components import synthesis
 from custom_components.networks.tgb_gan import TGBGenerator
 from custom_components.resume import AtomicCheckpointSaver
-from custom_components import synthesis
 from custom_components.synthesis import LatentSet, synthesise
-from data_prep.datalist import read_datalist
 from data_prep.preprocess import preprocess_datalist
 from reliability_helpers import BUNDLES, GAN_TINY, SLICE_TINY, bundle_command
 
