@@ -24,7 +24,7 @@ from ignite.engine import Engine, Events
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from custom_components.validation import unwrap
+from brainage_core.checkpoints import unwrap
 
 
 def batch_norm_layers(network: nn.Module) -> list[_BatchNorm]:

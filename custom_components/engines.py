@@ -13,10 +13,10 @@ from monai.utils import StrEnum
 from torch import nn
 from torch.optim import Optimizer
 
+from brainage_core.options import as_bool
 from custom_components.batch_norm import recompute_batch_norm_statistics
 from custom_components.data import PrepareImageTarget
 from custom_components.losses import TaskGuidedGANLoss
-from custom_components.options import as_bool
 
 
 class TGBGANKeys(StrEnum):

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from monai.inferers import Inferer
 
-from custom_components.options import as_bool
+from brainage_core.options import as_bool
 
 
 class CpuAutocastInferer(Inferer):

@@ -31,10 +31,10 @@ from ignite.engine import Engine, Events
 from monai.handlers import CheckpointSaver
 from monai.transforms import Compose, Randomizable
 
+from brainage_core.checkpoints import load_checkpoint, load_weights, unwrap
+from brainage_core.checks import remove_partial_writes
+from brainage_core.options import as_bool
 from brainage_core.volumes import InputError, atomic_path
-from custom_components.options import as_bool
-from custom_components.validation import load_checkpoint, load_weights, unwrap
-from data_prep.validate import remove_partial_writes
 
 logger = logging.getLogger(__name__)
 RESUME_KEY = "resume_state"

@@ -34,9 +34,9 @@ from monai.data import DataLoader, Dataset, MetaTensor
 from torch import nn
 from tqdm import tqdm
 
+from brainage_core.checks import remove_partial_writes
 from brainage_core.datalist import read_datalist, write_datalist
 from brainage_core.volumes import atomic_path, save_nifti
-from data_prep.validate import remove_partial_writes
 
 MODES = ("bin_top_up", "traversal")
 SYNTHETIC_PREFIX = "syn_"

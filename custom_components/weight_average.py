@@ -17,7 +17,7 @@ import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
-from custom_components.validation import unwrap
+from brainage_core.checkpoints import unwrap
 
 
 def ema_decay(epochs: float, iterations_per_epoch: int) -> float:

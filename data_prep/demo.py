@@ -27,8 +27,8 @@ import pandas as pd
 
 from brainage_core.datalist import write_datalist
 from brainage_core.grid import canonical_grid
+from brainage_core.options import as_bool
 from brainage_core.volumes import InputError, atomic_path
-from custom_components.options import as_bool
 
 REPO = Path(__file__).resolve().parents[1]
 IXI_SAMPLE = REPO.parent / "shared" / "data" / "ixi_sample"

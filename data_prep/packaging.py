@@ -26,7 +26,7 @@ from brainage_core.volumes import InputError, atomic_path
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES_DIR = REPO / "bundles"
-VENDORED = ("brainage_core", "custom_components", "data_prep")  # this repository's packages, copied into scripts/
+VENDORED = ("brainage_core", "custom_components")  # this repository's packages, copied into scripts/
 SCRIPTS = "scripts"
 COPIED = ("configs", "docs", "LICENSE", "large_files.yml")  # the Model Zoo layout, models/ aside
 SCRIPTS_INIT = '"""This repository\'s code the bundle\'s configs use, vendored by data_prep.packaging."""\n'

@@ -52,6 +52,7 @@ import pandas as pd
 from scipy import ndimage as ndi
 from tqdm import tqdm
 
+from brainage_core.checks import check_output_dir, lock_output_dir, remove_partial_writes
 from brainage_core.datalist import read_datalist, write_datalist
 from brainage_core.grid import Grid, canonical_grid, resample_to_grid
 from brainage_core.volumes import InputError, atomic_path, load_volume, normalise_intensity, save_nifti
@@ -59,7 +60,6 @@ from brainage_core.volumes import InputError, atomic_path, load_volume, normalis
 from .qc import normalised_correlation, save_qc_picture
 from .registration import (RETRY_TURNS_DEG, START_OFFSETS_MM, Registration, RegistrationError, correct_bias,
                            mask_points_mm, register_to_template, rigid_misalignment_mm, use_itk_threads, voxel_sizes)
-from .validate import check_output_dir, lock_output_dir, remove_partial_writes
 
 BRAIN_MARGIN_MM = 2.0
 # Correlation with the template inside its brain mask, measured on the two IXI sample heads: 0.55-0.69

@@ -37,6 +37,7 @@ import pandas as pd
 from scipy import ndimage as ndi
 from tqdm import tqdm
 
+from brainage_core.checks import check_output_dir
 from brainage_core.grid import CENTRE_MM, Grid
 from brainage_core.volumes import InputError, atomic_path, normalise_intensity, save_nifti
 
@@ -45,7 +46,6 @@ from .effects import (AD_SEVERITY_RANGE, DISPLACEMENT_SD_MM, SITE_EFFECT_LOG_SD,
                       coarse_lattice, draw_fields, draw_site, draw_subject, lesion_load, rician, template_points,
                       tissue_image, undo_pose, upsample, ventricle_expansion, world_to_voxel)
 from .ingest import ingest_bids
-from .validate import check_output_dir
 
 SUBJECT_STREAM, SITE_STREAM, RAW_STREAM, PICTURE_STREAM = 0, 1, 2, 3
 AGE_DISTRIBUTIONS = ("uniform", "normal")

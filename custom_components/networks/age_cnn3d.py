@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from brainage_core.options import as_bool
 from custom_components.networks.output_layer import ScaledLinear
-from custom_components.options import as_bool
 
 
 def _conv_bn(c_in: int, c_out: int, kernel_size: int, stride: int = 1) -> list[nn.Module]:

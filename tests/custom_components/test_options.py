@@ -1,6 +1,6 @@
 import pytest
 
-from custom_components.options import as_bool
+from brainage_core.options import as_bool
 
 
 @pytest.mark.parametrize("value", [True, 1, "true", "True", "TRUE", "yes", "on", "1", " true "])

@@ -31,6 +31,7 @@ from data_prep.__main__ import main
 from data_prep.packaging import BUNDLES_DIR, VENDORED, package_bundles
 
 SCHEMA = Path(__file__).resolve().parents[3] / "shared" / "monai" / "meta_schema_20240725.json"
+REPOSITORY_PACKAGES = ("brainage_core", "custom_components", "data_prep", "workflows")  # none importable in the test
 SUBJECTS = ("a", "b", "c")
 METRICS = {"n": 60, "mae": 5.58, "pearson_r": 0.943, "note": "not a number: left out"}  # a run's eval/test_metrics.json
 
@@ -72,10 +73,11 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def isolated_env(tmp_path_factory) -> dict:
-    """An environment in which ``import custom_components`` and ``import data_prep`` fail: packages of those
-    names that raise, first on PYTHONPATH, shadow the editable install of this repository."""
+    """An environment in which no package of this repository imports (``brainage_core``, ``custom_components``,
+    ``data_prep``, ``workflows``): packages of those names that raise, first on PYTHONPATH, shadow the editable
+    install of this repository."""
     shadow = tmp_path_factory.mktemp("shadow")
-    for name in VENDORED:
+    for name in REPOSITORY_PACKAGES:
         (shadow / name).mkdir()
         (shadow / name / "__init__.py").write_text(f"raise ImportError('{name} is blocked in this test')\n")
     return {**os.environ, "PYTHONPATH": str(shadow), "PYTHONNOUSERSITE": "1", "OMP_NUM_THREADS": "1"}
@@ -118,7 +120,7 @@ def _unzipped(package: dict, folder: str = "unzipped") -> Path:
 @pytest.mark.slow
 def test_packaged_inference_runs_without_this_repository(packaged, isolated_env):
     bundle = _unzipped(packaged)
-    for blocked in VENDORED:  # the packaged run cannot reach the repository's code
+    for blocked in REPOSITORY_PACKAGES:  # the packaged run cannot reach the repository's code
         check = subprocess.run([sys.executable, "-c", f"import {blocked}"], cwd=bundle, env=isolated_env,
                                capture_output=True, text=True)
         assert check.returncode != 0 and f"{blocked} is blocked" in check.stderr
@@ -181,19 +183,23 @@ def test_package_holds_model_zoo_layout_and_only_rewritten_code(packaged):
     assert listed["models/model.ts"]["hash_val"] == ""  # not packaged: as listed
 
     # vendored: the modules the bundle needs, none other, importing each other only as scripts.<package>
+    assert VENDORED == ("brainage_core", "custom_components")
     modules = {path for path in files if path.startswith("scripts/") and path.endswith(".py")}
+    assert {path.split("/")[1] for path in modules if path != "scripts/__init__.py"} == set(VENDORED)
+    assert not [path for path in files if {"data_prep", "workflows"} & set(Path(path).parts)]  # nor their files
     needs = {"slice_cnn_brainage": "networks/slice_set.py", "tgb_gan_augment": "networks/tgb_gan.py"}
     for bundle, module in needs.items():
         assert (f"scripts/custom_components/{module}" in modules) == (bundle == name)
-    assert "scripts/brainage_core/volumes.py" in modules and "scripts/data_prep/preprocess.py" not in modules
+    assert "scripts/brainage_core/volumes.py" in modules
     for path in modules:
         for node in ast.walk(ast.parse(files[path])):
             imported = [a.name for a in node.names] if isinstance(node, ast.Import) else (
                 [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
-            assert not [m for m in imported if m.split(".")[0] in VENDORED], f"{path} imports {imported}"
+            assert not [m for m in imported if m.split(".")[0] in REPOSITORY_PACKAGES], f"{path} imports {imported}"
     for path in (p for p in files if p.startswith("configs/") and p.endswith(".json")):
         text = files[path].decode()
-        assert '"custom_components.' not in text and "import custom_components" not in text, path
+        for package in REPOSITORY_PACKAGES:  # every reference to this repository's code is to scripts.<package>
+            assert not [ref for ref in (f'"{package}.', f"import {package}", f"from {package}") if ref in text], path
 
 
 # The Model Zoo's ci/verify_bundle.py checks, with its default arguments, run in the unzipped bundle's folder;

@@ -1,7 +1,7 @@
 """Bad input: every case gets one clear message naming the file or row and the problem, found up front.
 
-Datalists and images go through ``data_prep.validate`` (the CLI ``python -m data_prep validate`` and the
-bundles' ``initialize`` step); config and checkpoint mistakes through ``custom_components.validation``.
+Datalists and images go through ``brainage_core.checks`` (the CLI ``python -m data_prep validate`` and the
+bundles' ``initialize`` step); config and checkpoint mistakes through ``brainage_core.checkpoints``.
 """
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 
+from brainage_core.checkpoints import user_error_message
+from brainage_core.checks import validate_datalist
 from brainage_core.datalist import read_datalist
 from brainage_core.volumes import InputError, save_nifti
 from custom_components.networks.tgb_gan import TGBGenerator
-from custom_components.validation import user_error_message
 from data_prep.__main__ import main as data_prep_main
-from data_prep.validate import validate_datalist
 from reliability_helpers import AFFINE, BUNDLES, GAN_TINY, SIZE, SLICE_TINY, ball, bundle_command
 
 RNG = np.random.default_rng(1)
@@ -217,7 +217,7 @@ def _initialize_and_run(workflow: ConfigWorkflow) -> None:
 
 
 def _user_error(call) -> str:
-    """The message a user sees for the error ``call`` raises (``custom_components.validation.clean_excepthook``)."""
+    """The message a user sees for the error ``call`` raises (``brainage_core.checkpoints.clean_excepthook``)."""
     with pytest.raises(Exception) as err:
         call()
     message = user_error_message(err.value)

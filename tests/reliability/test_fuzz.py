@@ -15,9 +15,9 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from brainage_core.checkpoints import check_bundle_inputs, load_split
+from brainage_core.checks import validate_datalist
 from brainage_core.volumes import InputError
-from custom_components.validation import check_bundle_inputs, load_split
-from data_prep.validate import validate_datalist
 
 SIZE = (6, 6, 6)
 FUZZ = settings(max_examples=300, deadline=None, derandomize=True, database=None,

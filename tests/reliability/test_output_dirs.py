@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from monai.bundle import ConfigWorkflow
 
+from brainage_core.checkpoints import user_error_message
+from brainage_core.checks import check_output_dir
 from brainage_core.volumes import InputError
-from custom_components.validation import user_error_message
 from data_prep.__main__ import main as data_prep_main
-from data_prep.validate import check_output_dir
 from reliability_helpers import BUNDLES, GAN_TINY, SLICE_TINY
 
 Usage = namedtuple("Usage", "total used free")
@@ -26,7 +26,7 @@ def blocked(tmp_path) -> Path:
 
 @pytest.fixture
 def full_disk(monkeypatch):
-    monkeypatch.setattr("data_prep.validate.shutil.disk_usage", lambda path: Usage(10 * 2**30, 10 * 2**30, 5 * 2**20))
+    monkeypatch.setattr("brainage_core.checks.shutil.disk_usage", lambda path: Usage(10 * 2**30, 10 * 2**30, 5 * 2**20))
 
 
 def test_folder_below_a_file_is_reported(blocked):

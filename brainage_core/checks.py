@@ -34,7 +34,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from brainage_core.volumes import InputError, load_volume
+from .volumes import InputError, load_volume
 
 SHAPE_POLICIES = ("refuse", "resample")
 TARGET_KEYS = ("age", "label")

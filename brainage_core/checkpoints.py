@@ -1,4 +1,4 @@
-"""Bundle-side checks before a run: inputs and output folders (through ``data_prep.validate``), checkpoints
+"""Bundle-side checks before a run: inputs and output folders (through ``brainage_core.checks``), checkpoints
 (weights only, with keys and shapes that fit the configured networks), and clean error messages.
 
 ``python -m monai.bundle run`` wraps every error of a config expression in "Failed to evaluate ..." and
@@ -22,9 +22,8 @@ from ignite.handlers import Checkpoint
 from monai.data import load_decathlon_datalist
 from torch import nn
 
-from brainage_core.volumes import InputError
-from data_prep.validate import (ValidationReport, check_output_dir, lock_output_dir, validate_datalist,
-                                validate_records)
+from .checks import ValidationReport, check_output_dir, lock_output_dir, validate_datalist, validate_records
+from .volumes import InputError
 
 logger = logging.getLogger(__name__)
 TRACEBACK_ENV = "BRAINAGE_TRACEBACK"
