@@ -45,6 +45,8 @@ ANISOTROPY_TOLERANCE = 0.01  # relative difference of voxel sizes
 PREPROCESS_HINT = "put it on the canonical grid first (python -m data_prep preprocess)"
 LOCK_FILE = ".brainage.lock"
 _LOCKS: dict[Path, int] = {}  # output folder -> this process's open, locked lock file (held until it exits)
+# the characters str.splitlines breaks at, escaped in messages so that each problem stays on its own line
+_LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"}
 
 
 @dataclass
@@ -60,11 +62,11 @@ class ValidationReport:
         """Raise one InputError listing every problem (the first MAX_LISTED); return self when there is none."""
         if not self.problems:
             return self
-        lines = [f"  - {p}" for p in self.problems[:MAX_LISTED]]
+        lines = [f"  - {p.translate(_LINE_BREAKS)}" for p in self.problems[:MAX_LISTED]]
         if len(self.problems) > MAX_LISTED:
             lines.append(f"  ... and {len(self.problems) - MAX_LISTED} more")
-        raise InputError(f"{self.source}: {len(self.problems)} problem(s) found before the run started:\n"
-                         + "\n".join(lines))
+        raise InputError(f"{self.source.translate(_LINE_BREAKS)}: {len(self.problems)} problem(s) found before the run "
+                         "started:\n" + "\n".join(lines))
 
     def __str__(self) -> str:
         listed = ", ".join(f"{name} {n}" for name, n in self.counts.items())
