@@ -1,74 +1,22 @@
-"""Bundle-side checks before a run: inputs and output folders (through ``brainage_core.checks``), checkpoints
-(weights only, with keys and shapes that fit the configured networks), and clean error messages.
-
-``python -m monai.bundle run`` wraps every error of a config expression in "Failed to evaluate ..." and
-prints the whole traceback. ``check_bundle_inputs`` (the ``initialize`` step of the configs) installs
-``clean_excepthook``: an uncaught error whose cause is an InputError, or a bad argument of a component
-the config builds (unknown encoder or aggregation name, unusable pretrained weights), is printed as one
-``error: ...`` message without the traceback (``BRAINAGE_TRACEBACK=1`` shows it).
+"""Checkpoints of a bundle run: loaded weights only (never unpickled objects), checked to hold an entry for
+every object to restore and tensors with the names and shapes of the configured networks; InputErrors that
+name the file and every mismatch.
 """
 from __future__ import annotations
 
 import logging
 import os
 import pickle
-import re
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 from ignite.handlers import Checkpoint
-from monai.data import load_decathlon_datalist
 from torch import nn
 
-from .checks import ValidationReport, check_output_dir, lock_output_dir, validate_datalist, validate_records
 from .volumes import InputError
 
 logger = logging.getLogger(__name__)
-TRACEBACK_ENV = "BRAINAGE_TRACEBACK"
-_BUILD_ERROR = re.compile(r"Failed to instantiate component '([^']+)'")
-
-
-def check_bundle_inputs(data, target_key: str | None = None, image_size: Sequence[int] | None = None,
-                        on_shape_mismatch: str = "refuse", output_dirs: Sequence[str] = (),
-                        min_free_mb: float = 200) -> ValidationReport:
-    """The input check of a bundle run: output folders writable with ``min_free_mb`` MiB free, then the
-    records the run will read, every image included: ``data`` is what the datasets get (``train#dataset#data``
-    and ``validate#dataset#data`` as ``{split: records}``, or one list), whether read from the datalist file
-    or passed in memory (``monai.bundle.run(..., **{"train#dataset#data": records})``).
-
-    Raises InputError listing every problem; logs the notes (reoriented or resized images).
-    """
-    report_errors_cleanly()
-    for folder in output_dirs:
-        lock_output_dir(check_output_dir(folder, min_free_mb))
-    sources = {getattr(records, "source", None) for records in (data.values() if isinstance(data, Mapping) else [data])}
-    source = next(iter(sources)) if len(sources) == 1 and None not in sources else "input images"
-    report = validate_records(data, source, target_key=target_key, image_size=image_size,
-                              on_shape_mismatch=on_shape_mismatch)
-    for note in report.notes:
-        logger.info(note)
-    logger.info(str(report).splitlines()[0])
-    return report
-
-
-class DatalistRecords(list):
-    """Records read from a datalist file, which ``check_bundle_inputs`` names in its messages."""
-
-    def __init__(self, records, source: str) -> None:
-        super().__init__(records)
-        self.source = source
-
-
-def load_split(datalist_file: str | os.PathLike, split: str, splits: Sequence[str] | None = None) -> DatalistRecords:
-    """``monai.data.load_decathlon_datalist(datalist_file, True, split)`` after checking the file and the
-    records of ``splits`` (``split`` when None) without opening an image (``check_bundle_inputs`` checks the
-    images of what the run reads): an InputError naming the file and listing every problem, never a
-    traceback from a malformed datalist."""
-    report_errors_cleanly()
-    validate_datalist(datalist_file, [split] if splits is None else splits, target_key=None, check_images=False)
-    return DatalistRecords(load_decathlon_datalist(datalist_file, True, split), str(datalist_file))
 
 
 def load_weights(path: str | os.PathLike, map_location=None):
@@ -173,45 +121,3 @@ def _listing(keys, limit: int = 6) -> str:
 def unwrap(obj):
     """The network inside a (Distributed)DataParallel wrapper; any other object as it is."""
     return obj.module if isinstance(obj, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else obj
-
-
-# ------------------------------------------------------------------------------------------ clean errors
-
-
-def user_error_message(error: BaseException) -> str | None:
-    """The message to show instead of a traceback: the InputError in ``error``'s chain of causes, or the
-    innermost ValueError/TypeError/FileNotFoundError of a component the config failed to build; else None."""
-    chain, seen = [], set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        chain.append(error)
-        error = error.__cause__ or error.__context__
-    for item in chain:
-        if isinstance(item, InputError):
-            return str(item)
-    built = [m.group(1) for item in chain if (m := _BUILD_ERROR.search(str(item)))]
-    if built and isinstance(chain[-1], (ValueError, TypeError, FileNotFoundError)):
-        return f"{chain[-1]} (while building {built[-1]})"
-    return None
-
-
-def clean_excepthook(kind, value, traceback, fallback=sys.__excepthook__) -> None:
-    """``sys.excepthook`` that prints user errors (``user_error_message``) as one message."""
-    message = user_error_message(value)
-    if message is None or os.environ.get(TRACEBACK_ENV):
-        fallback(kind, value, traceback)
-        return
-    print(f"error: {message}\n({TRACEBACK_ENV}=1 shows the full traceback)", file=sys.stderr)
-
-
-def report_errors_cleanly() -> None:
-    """Install ``clean_excepthook`` for this process, in front of the current hook (once)."""
-    if getattr(sys.excepthook, "__wrapped__", None) is clean_excepthook:
-        return
-    previous = sys.excepthook
-
-    def hook(kind, value, traceback):
-        clean_excepthook(kind, value, traceback, fallback=previous)
-
-    hook.__wrapped__ = clean_excepthook
-    sys.excepthook = hook

@@ -1,4 +1,5 @@
-"""Up-front checks of a run's inputs and outputs, so that a long run does not fail hours in.
+"""Up-front checks of a run's inputs and outputs, so that a long run does not fail hours in, and errors
+that reach the user as one message.
 
 ``validate_datalist`` (and ``validate_records`` for records in memory: a list, or splits of lists) checks,
 in one pass:
@@ -16,15 +17,26 @@ All problems are collected and raised as one InputError, one line per problem na
 file. Harmless findings (an image stored in another orientation, one that will be resized) are returned
 as notes. ``check_output_dir`` fails early on an output folder that cannot be created or written, or
 whose disk is nearly full. CLI: ``python -m data_prep validate --datalist D``.
+
+In a bundle run, ``load_split`` reads a datalist split after checking its file and records, and
+``check_bundle_inputs`` (the ``initialize`` step of the configs) checks the output folders and every
+image the run will read. ``python -m monai.bundle run`` wraps every error of a config expression in
+"Failed to evaluate ..." and prints the whole traceback; both install ``clean_excepthook``: an uncaught
+error whose cause is an InputError, or a bad argument of a component the config builds (unknown encoder
+or aggregation name, unusable pretrained weights), is printed as one ``error: ...`` message without the
+traceback (``BRAINAGE_TRACEBACK=1`` shows it).
 """
 from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import math
 import os
+import re
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -34,6 +46,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from .options import as_image_size, as_names
 from .volumes import InputError, load_volume
 
 SHAPE_POLICIES = ("refuse", "resample")
@@ -47,6 +60,9 @@ LOCK_FILE = ".brainage.lock"
 _LOCKS: dict[Path, int] = {}  # output folder -> this process's open, locked lock file (held until it exits)
 # the characters str.splitlines breaks at, escaped in messages so that each problem stays on its own line
 _LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"}
+TRACEBACK_ENV = "BRAINAGE_TRACEBACK"
+_BUILD_ERROR = re.compile(r"Failed to instantiate component '([^']+)'")
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -91,7 +107,7 @@ def validate_datalist(datalist: str | os.PathLike, splits: Sequence[str] | None 
     if not isinstance(content, dict):
         raise InputError(f"{path}: a datalist is a JSON object of splits, not a {type(content).__name__}")
     found = [key for key, value in content.items() if isinstance(value, list)]
-    wanted = list(found if splits is None else _names(splits))
+    wanted = list(found if splits is None else as_names(splits))
     records: dict[str, list] = {}
     for split in wanted:
         if split not in content:
@@ -134,7 +150,7 @@ def _check_splits(splits: dict[str, list], report: ValidationReport, base: Path,
         raise InputError(f"on_shape_mismatch must be one of {', '.join(SHAPE_POLICIES)}, got {on_shape_mismatch!r}")
     if target_key is not None and target_key not in TARGET_KEYS:
         raise InputError(f"target_key must be one of {', '.join(TARGET_KEYS)} (or none), got {target_key!r}")
-    size = None if image_size is None else _image_size(image_size)
+    size = None if image_size is None else as_image_size(image_size)
     root = None if dataset_root is None else Path(dataset_root).resolve()
     seen_in: dict[str, dict[str, int]] = {}  # subject -> {split: first row}
     checked: dict[Path, tuple[list[str], list[str]]] = {}
@@ -312,45 +328,100 @@ def remove_partial_writes(folder: str | os.PathLike) -> list[Path]:
     return stale
 
 
-def validate_command(datalist: str, dataset_dir: str | None = None, image_size=None, on_shape_mismatch: str = "refuse",
-                     target_key: str | None = "age", splits=None, check_voxels: bool = True) -> None:
-    """Check a datalist and every image it lists before a run; list every problem at once.
+# ------------------------------------------------------------------------------------------ bundle runs
 
-    Args:
-        datalist: datalist JSON.
-        dataset_dir: dataset folder; images outside it are reported.
-        image_size: the model's grid, e.g. 48,48,48 (images of another shape are reported).
-        on_shape_mismatch: refuse (report other shapes) or resample (the bundle resizes them; a note).
-        target_key: age, label, or none (records need not carry a target).
-        splits: splits to check, e.g. training,validation (default: all).
-        check_voxels: also decode every image (truncated files, NaN/Inf, constant images).
 
-    Exits with status 2 and one line per problem when any is found.
+def check_bundle_inputs(data, target_key: str | None = None, image_size: Sequence[int] | None = None,
+                        on_shape_mismatch: str = "refuse", output_dirs: Sequence[str] = (),
+                        min_free_mb: float = 200) -> ValidationReport:
+    """The input check of a bundle run: output folders writable with ``min_free_mb`` MiB free, then the
+    records the run will read, every image included: ``data`` is what the datasets get (``train#dataset#data``
+    and ``validate#dataset#data`` as ``{split: records}``, or one list), whether read from the datalist file
+    or passed in memory (``monai.bundle.run(..., **{"train#dataset#data": records})``).
+
+    Raises InputError listing every problem; logs the notes (reoriented or resized images).
     """
-    report = validate_datalist(datalist, None if splits is None else _names(splits),
-                               None if str(target_key).lower() in ("none", "") else target_key,
-                               image_size, on_shape_mismatch, dataset_dir, check_voxels)
-    print(report)
+    report_errors_cleanly()
+    for folder in output_dirs:
+        lock_output_dir(check_output_dir(folder, min_free_mb))
+    sources = {getattr(records, "source", None) for records in (data.values() if isinstance(data, Mapping) else [data])}
+    source = next(iter(sources)) if len(sources) == 1 and None not in sources else "input images"
+    report = validate_records(data, source, target_key=target_key, image_size=image_size,
+                              on_shape_mismatch=on_shape_mismatch)
+    for note in report.notes:
+        logger.info(note)
+    logger.info(str(report).splitlines()[0])
+    return report
+
+
+class DatalistRecords(list):
+    """Records read from a datalist file, which ``check_bundle_inputs`` names in its messages."""
+
+    def __init__(self, records, source: str) -> None:
+        super().__init__(records)
+        self.source = source
+
+
+def load_split(datalist_file: str | os.PathLike, split: str, splits: Sequence[str] | None = None) -> DatalistRecords:
+    """``monai.data.load_decathlon_datalist(datalist_file, True, split)`` after checking the file and the
+    records of ``splits`` (``split`` when None) without opening an image (``check_bundle_inputs`` checks the
+    images of what the run reads): an InputError naming the file and listing every problem, never a
+    traceback from a malformed datalist."""
+    from monai.data import load_decathlon_datalist  # here: data_prep's commands use this module without MONAI
+
+    report_errors_cleanly()
+    validate_datalist(datalist_file, [split] if splits is None else splits, target_key=None, check_images=False)
+    return DatalistRecords(load_decathlon_datalist(datalist_file, True, split), str(datalist_file))
+
+
+# ------------------------------------------------------------------------------------------ clean errors
+
+
+def user_error_message(error: BaseException) -> str | None:
+    """The message to show instead of a traceback: the InputError in ``error``'s chain of causes, or the
+    innermost ValueError/TypeError/FileNotFoundError of a component the config failed to build; else None."""
+    chain, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    for item in chain:
+        if isinstance(item, InputError):
+            return str(item)
+    built = [m.group(1) for item in chain if (m := _BUILD_ERROR.search(str(item)))]
+    if built and isinstance(chain[-1], (ValueError, TypeError, FileNotFoundError)):
+        return f"{chain[-1]} (while building {built[-1]})"
+    return None
+
+
+def clean_excepthook(kind, value, traceback, fallback=sys.__excepthook__) -> None:
+    """``sys.excepthook`` that prints user errors (``user_error_message``) as one message."""
+    message = user_error_message(value)
+    if message is None or os.environ.get(TRACEBACK_ENV):
+        fallback(kind, value, traceback)
+        return
+    print(f"error: {message}\n({TRACEBACK_ENV}=1 shows the full traceback)", file=sys.stderr)
+
+
+def report_errors_cleanly() -> None:
+    """Install ``clean_excepthook`` for this process, in front of the current hook (once)."""
+    if getattr(sys.excepthook, "__wrapped__", None) is clean_excepthook:
+        return
+    previous = sys.excepthook
+
+    def hook(kind, value, traceback):
+        clean_excepthook(kind, value, traceback, fallback=previous)
+
+    hook.__wrapped__ = clean_excepthook
+    sys.excepthook = hook
+
+
+# ------------------------------------------------------------------------------------------ helpers
 
 
 def _short(value, limit: int = 80) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _names(value) -> list[str]:
-    return [s.strip() for s in value.split(",")] if isinstance(value, str) else [str(s) for s in value]
-
-
-def _image_size(value) -> tuple[int, int, int]:
-    sizes = _names(value) if isinstance(value, str) else ([value] * 3 if isinstance(value, int) else list(value))
-    try:
-        sizes = [int(s) for s in sizes]
-    except (TypeError, ValueError):
-        sizes = []
-    if len(sizes) != 3 or min(sizes) < 1:
-        raise InputError(f"image_size must be three positive integers (X, Y, Z), got {value!r}")
-    return tuple(sizes)
 
 
 def _read_json(path: Path):

@@ -19,7 +19,7 @@ COMMANDS = {
     "ingest-dicom": ("data_prep.dicom", "ingest_dicom", "folder of DICOM series -> NIfTI T1 volumes + datalist JSON"),
     "preprocess": ("data_prep.preprocess", "preprocess_command", "raw T1 heads -> brain volumes on the canonical grid"),
     "simulate-cohort": ("data_prep.simulate", "simulate_cohort", "simulated ageing cohort on MNI152 anatomy"),
-    "validate": ("brainage_core.checks", "validate_command", "check a datalist and its images before a run; lists every problem"),
+    "validate": ("data_prep.validate", "validate_command", "check a datalist and its images before a run; lists every problem"),
     "demo": ("data_prep.demo", "run_demo", "the main job end to end on the simulated cohort"),
     "demo-report": ("data_prep.demo_report", "write_report", "rewrite the demo's report.md and report.html"),
     "package-bundles": ("data_prep.packaging", "package_bundles", "each bundle as a self-contained Model Zoo zip"),

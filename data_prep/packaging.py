@@ -22,6 +22,7 @@ from pathlib import Path
 
 import yaml
 
+from brainage_core.options import as_dict
 from brainage_core.volumes import InputError, atomic_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,7 +67,7 @@ def package_bundles(out_dir: str = "dist", bundles=("slice_cnn_brainage", "tgb_g
 
 def _read_overrides(overrides) -> dict:
     """``overrides`` as a dict: given as one, or the path of a JSON file holding one."""
-    return {} if overrides is None else _json_object(overrides, "overrides", "id -> value")
+    return {} if overrides is None else as_dict(overrides, "overrides", "id -> value")
 
 
 def _read_metrics(eval_metrics) -> dict[str, float] | None:
@@ -74,27 +75,13 @@ def _read_metrics(eval_metrics) -> dict[str, float] | None:
     prefixed by the file's name up to ``metrics`` (``test_metrics.json`` -> ``test_``)."""
     if eval_metrics is None:
         return None
-    content = _json_object(eval_metrics, "eval_metrics", "metric name -> number")
+    content = as_dict(eval_metrics, "eval_metrics", "metric name -> number")
     prefix = "" if isinstance(eval_metrics, dict) else Path(str(eval_metrics)).stem.removesuffix("metrics")
     numbers = {f"{prefix}{key}": value for key, value in content.items()
                if isinstance(value, (int, float)) and not isinstance(value, bool)}
     if not numbers:
         raise InputError(f"eval_metrics {eval_metrics}: no metric values in it (a JSON object of name -> number)")
     return numbers
-
-
-def _json_object(value, option: str, holds: str) -> dict:
-    """``value`` itself when a dict, else the JSON object in the file it names; InputError naming the file."""
-    if isinstance(value, dict):
-        return dict(value)
-    path = Path(str(value))
-    try:
-        content = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise InputError(f"{option}: give a dict or a JSON file of one; {path}: {err}") from None
-    if not isinstance(content, dict):
-        raise InputError(f"{path}: {option} are a JSON object of {holds}, not a {type(content).__name__}")
-    return content
 
 
 def _with_overrides(configs: dict[str, bytes], overrides: dict, bundle: str) -> dict[str, bytes]:

@@ -1,7 +1,8 @@
 """Bad input: every case gets one clear message naming the file or row and the problem, found up front.
 
 Datalists and images go through ``brainage_core.checks`` (the CLI ``python -m data_prep validate`` and the
-bundles' ``initialize`` step); config and checkpoint mistakes through ``brainage_core.checkpoints``.
+bundles' ``initialize`` step), config mistakes through its clean error messages, checkpoint mistakes through
+``brainage_core.checkpoints``.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 
-from brainage_core.checkpoints import user_error_message
+from brainage_core.checks import user_error_message
 from brainage_core.checks import validate_datalist
 from brainage_core.datalist import read_datalist
 from brainage_core.volumes import InputError, save_nifti
@@ -217,7 +218,7 @@ def _initialize_and_run(workflow: ConfigWorkflow) -> None:
 
 
 def _user_error(call) -> str:
-    """The message a user sees for the error ``call`` raises (``brainage_core.checkpoints.clean_excepthook``)."""
+    """The message a user sees for the error ``call`` raises (``brainage_core.checks.clean_excepthook``)."""
     with pytest.raises(Exception) as err:
         call()
     message = user_error_message(err.value)

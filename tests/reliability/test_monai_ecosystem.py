@@ -9,7 +9,7 @@ import torch
 from monai.bundle import load, run
 from monai.data import load_decathlon_datalist
 
-from brainage_core.checkpoints import user_error_message
+from brainage_core.checks import user_error_message
 from reliability_helpers import BUNDLES, GAN_TINY, SLICE_TINY, TINY_RUNS
 
 # every training config: (bundle, configs, overrides, the validation key metric the run must log)
