@@ -1,5 +1,5 @@
 """TGB-GAN training throughput on this machine: one critic step (with gradient penalty) and one
-generator + task-branch step per iteration, as custom_components.engines.TaskGuidedGANTrainer does.
+generator + task-branch step per iteration, as custom_components.tgb_gan.engines.TaskGuidedGANTrainer does.
 
 Variants are timed in one process, round-robin, median of ``--repeats``; "eager_fp32" is the baseline.
 "bf16_autocast" is the trainer's ``cpu_bf16`` path (gradient penalty included, in bfloat16); the bundle
@@ -22,10 +22,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PeakRSS, interleaved_medians, seconds  # noqa: E402
 
-from custom_components.hardware import cpu_has_fast_bf16  # noqa: E402
-from custom_components.losses import TaskGuidedGANLoss  # noqa: E402
-from custom_components.networks.age_cnn3d import AgeCNN3d  # noqa: E402
-from custom_components.networks.tgb_gan import ResidualAgeRegressor, TGBGenerator, WGANCritic  # noqa: E402
+from custom_components.common.hardware import cpu_has_fast_bf16  # noqa: E402
+from custom_components.common.networks.age_cnn3d import AgeCNN3d  # noqa: E402
+from custom_components.tgb_gan.losses import TaskGuidedGANLoss  # noqa: E402
+from custom_components.tgb_gan.networks import ResidualAgeRegressor, TGBGenerator, WGANCritic  # noqa: E402
 
 # the paper's three networks; the bundle's defaults (bundles/tgb_gan_augment/configs/train.json) with the
 # default branch, AgeCNN3d

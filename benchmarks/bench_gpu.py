@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from brainage_core.datalist import write_datalist  # noqa: E402
 from brainage_core.volumes import save_nifti  # noqa: E402
-from custom_components.hardware import cpu_has_fast_bf16  # noqa: E402
+from custom_components.common.hardware import cpu_has_fast_bf16  # noqa: E402
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 REFERENCE_SHAPE = (91, 109, 91)  # the reference implementation's input (2 mm MNI crop)

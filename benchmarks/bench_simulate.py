@@ -21,7 +21,7 @@ import numpy as np
 
 from brainage_core.datalist import read_datalist
 from brainage_core.volumes import save_nifti
-from custom_components.baselines import BLOCK, age_baselines
+from custom_components.slice_cnn.baselines import BLOCK, age_baselines
 from data_prep.anatomy import template_anatomy
 from data_prep.simulate import CohortConfig, simulate_cohort, simulate_subjects
 

@@ -28,8 +28,8 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PeakRSS, interleaved_medians, matmul_flops_per_second, seconds  # noqa: E402
 
-from custom_components.hardware import cpu_has_fast_bf16  # noqa: E402
-from custom_components.networks.slice_set import SliceSetNet  # noqa: E402
+from custom_components.common.hardware import cpu_has_fast_bf16  # noqa: E402
+from custom_components.slice_cnn.networks.slice_set import SliceSetNet  # noqa: E402
 
 
 @dataclass(frozen=True)

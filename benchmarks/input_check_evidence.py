@@ -1,4 +1,4 @@
-"""How the bundles' out-of-distribution check (``custom_components.input_reference``) scores real and broken
+"""How the bundles' out-of-distribution check (``custom_components.common.input_reference``) scores real and broken
 inputs: the reference is fitted on a cohort's training split exactly as ``train.json`` fits it, then every
 group below is scored as ``inference.json`` scores it, and a Markdown table of flagged counts and score
 ranges is printed (and written to ``--out``).
@@ -25,7 +25,7 @@ from monai.data import load_decathlon_datalist
 from monai.transforms import Compose, LoadImaged, Orientationd, Resized
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from custom_components.input_reference import InputReference  # noqa: E402
+from custom_components.common.input_reference import InputReference  # noqa: E402
 
 
 def records(datalist: str, splits=("training", "validation", "test")) -> list[dict]:

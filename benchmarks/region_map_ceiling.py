@@ -26,7 +26,7 @@ import nibabel as nib
 import numpy as np
 
 from brainage_core.datalist import read_datalist
-from custom_components.region_maps import age_groups, map_auc
+from custom_components.tgb_gan.region_maps import age_groups, map_auc
 from data_prep.simulate import GROUND_TRUTH
 
 

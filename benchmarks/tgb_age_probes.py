@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from scipy.ndimage import gaussian_filter
 
-from custom_components.brain_age import brain_age_metrics
-from custom_components.networks.age_cnn3d import AgeCNN3d
+from custom_components.common.brain_age import brain_age_metrics
+from custom_components.common.networks.age_cnn3d import AgeCNN3d
 
 BLUR_SIGMAS = (0.5, 0.75, 1.0)  # voxels
 NOISE_SD = 0.03  # of the [0, 1]-scaled volume: about the size of an autoencoder's residual here

@@ -143,7 +143,7 @@ def _duration(seconds: float) -> str:
 
 
 def _display(volume: np.ndarray) -> np.ndarray:
-    from custom_components.tgb_gan_figures import central_slices
+    from custom_components.common.plots import central_slices
 
     axial = central_slices(volume)[2]
     top = float(np.percentile(axial, 99.5)) or 1.0
@@ -153,7 +153,7 @@ def _display(volume: np.ndarray) -> np.ndarray:
 def gan_grid_figure(at: DemoLayout, path: Path) -> Path:
     """Rows real / reconstructed / synthetic: test subjects spread over age, their GAN reconstructions, and
     the synthetic volume nearest in age to each (central axial slices, each scaled to its own range)."""
-    from custom_components.plots import plt, save_figure
+    from custom_components.common.plots import plt, save_figure
 
     test = sorted(read_datalist(_required(at.cohort / "datalist.json", "simulate_cohort"))["test"],
                   key=lambda r: r["age"])
@@ -182,7 +182,7 @@ def gan_grid_figure(at: DemoLayout, path: Path) -> Path:
 
 
 def brain_age_section(at: DemoLayout) -> list[tuple]:
-    from custom_components.baselines import age_baselines
+    from custom_components.slice_cnn.baselines import age_baselines
 
     synthetic_list = _json(at.synthetic_datalist, "generate_synthetic")
     n_real, n_synthetic = synthetic_list["n_real"], synthetic_list["n_synthetic"]
@@ -213,7 +213,7 @@ def brain_age_section(at: DemoLayout) -> list[tuple]:
 
 
 def ad_section(at: DemoLayout) -> list[tuple]:
-    from custom_components.baselines import ad_baseline
+    from custom_components.slice_cnn.baselines import ad_baseline
 
     m = _json(at.slice_ad / "eval" / "test_detection_metrics.json", "evaluate_ad")
     splits = read_datalist(_required(at.ad_cohort / "datalist.json", "simulate_ad_cohort"))

@@ -24,7 +24,7 @@ from monai.handlers import from_engine
 from brainage_core.datalist import write_datalist
 from brainage_core.grid import canonical_grid
 from brainage_core.volumes import InputError, save_nifti
-from custom_components.batch_norm import recompute_batch_norm_statistics
+from custom_components.common.batch_norm import recompute_batch_norm_statistics
 
 REPO = Path(__file__).resolve().parents[2]
 BUNDLE = REPO / "bundles" / "slice_cnn_brainage"

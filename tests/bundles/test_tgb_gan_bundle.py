@@ -17,7 +17,7 @@ from monai.data import load_net_with_metadata
 from brainage_core.datalist import read_datalist, write_datalist
 from brainage_core.grid import canonical_grid
 from brainage_core.volumes import save_nifti
-from custom_components.networks.tgb_gan import TGBGenerator
+from custom_components.tgb_gan.networks import TGBGenerator
 
 pytestmark = pytest.mark.slow
 

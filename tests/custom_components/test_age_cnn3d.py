@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from custom_components.networks.age_cnn3d import AgeCNN3d
+from custom_components.common.networks.age_cnn3d import AgeCNN3d
 
 
 def test_output_shape_any_size_and_initial_mean():

@@ -1,7 +1,7 @@
 import nibabel as nib
 import numpy as np
 
-from custom_components.baselines import ad_baseline, age_baselines, region_mean_auc
+from custom_components.slice_cnn.baselines import ad_baseline, age_baselines, region_mean_auc
 
 
 def _records(folder, name, ages, offset=0.0, seed=0):

@@ -6,7 +6,7 @@ import torch
 from ignite.engine import Engine
 from torch import nn
 
-from custom_components.batch_norm import PreciseBatchNorm, batch_norm_layers, recompute_batch_norm_statistics
+from custom_components.common.batch_norm import PreciseBatchNorm, batch_norm_layers, recompute_batch_norm_statistics
 
 
 def _tiny_problem(seed: int = 0):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from custom_components.brain_age import BiasCorrection, brain_age_metrics
+from custom_components.common.brain_age import BiasCorrection, brain_age_metrics
 
 
 def test_metrics_on_known_values():

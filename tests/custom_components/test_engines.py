@@ -9,10 +9,10 @@ from monai.bundle import ConfigParser
 from monai.data import DataLoader, Dataset, MetaTensor
 from monai.handlers import CheckpointSaver, StatsHandler, from_engine
 
-from custom_components.data import PrepareImageTarget
-from custom_components.engines import TaskGuidedGANTrainer, TGBGANKeys
-from custom_components.losses import TaskGuidedGANLoss
-from custom_components.networks.tgb_gan import ResidualAgeRegressor, TGBGenerator, WGANCritic
+from custom_components.common.data import PrepareImageTarget
+from custom_components.tgb_gan.engines import TaskGuidedGANTrainer, TGBGANKeys
+from custom_components.tgb_gan.losses import TaskGuidedGANLoss
+from custom_components.tgb_gan.networks import ResidualAgeRegressor, TGBGenerator, WGANCritic
 
 SIZE = 8
 
@@ -241,7 +241,7 @@ def test_invalid_trainer_arguments():
 
 
 def test_trainer_builds_from_a_bundle_config_and_the_ablation_is_a_command_line_override():
-    tgb = "custom_components.networks.tgb_gan"
+    tgb = "custom_components.tgb_gan.networks"
     config = {
         "generator": {"_target_": f"{tgb}.TGBGenerator", "encoder_channels": [4, 8], "decoder_channels": [8, 4]},
         "critic": {"_target_": f"{tgb}.WGANCritic", "channels": [4, 8]},
@@ -250,13 +250,13 @@ def test_trainer_builds_from_a_bundle_config_and_the_ablation_is_a_command_line_
         "g_optimizer": {"_target_": "torch.optim.Adam", "lr": 1e-4,
                         "params": "$list(@generator.parameters()) + list(@regressor.parameters())"},
         "d_optimizer": {"_target_": "torch.optim.Adam", "params": "$@critic.parameters()", "lr": 1e-4},
-        "loss": {"_target_": "custom_components.losses.TaskGuidedGANLoss", "age_weight": 0.1},
+        "loss": {"_target_": "custom_components.tgb_gan.losses.TaskGuidedGANLoss", "age_weight": 0.1},
         "trainer": {
-            "_target_": "custom_components.engines.TaskGuidedGANTrainer",
+            "_target_": "custom_components.tgb_gan.engines.TaskGuidedGANTrainer",
             "device": "cpu", "max_epochs": 1, "train_data_loader": "@loader",
             "generator": "@generator", "critic": "@critic", "regressor": "@regressor",
             "g_optimizer": "@g_optimizer", "d_optimizer": "@d_optimizer", "loss": "@loss", "d_train_steps": 2,
-            "prepare_batch": {"_target_": "custom_components.data.PrepareImageTarget", "target_key": "age"},
+            "prepare_batch": {"_target_": "custom_components.common.data.PrepareImageTarget", "target_key": "age"},
             "train_handlers": [{"_target_": "StatsHandler", "output_transform": "$monai.handlers.from_engine(['losses'], first=True)"}],
         },
     }
@@ -314,8 +314,8 @@ def test_branch_learns_age_in_the_warm_up_then_stays_fixed_with_statistics_of_it
     """The default recipe: during the L1 warm-up the branch learns age on real volumes and their
     reconstructions; at the warm-up's end its batch-norm statistics are recomputed with those weights over
     the training loader; in the adversarial phase it is a fixed task loss."""
-    from custom_components.batch_norm import batch_norm_layers
-    from custom_components.networks.age_cnn3d import AgeCNN3d
+    from custom_components.common.batch_norm import batch_norm_layers
+    from custom_components.common.networks.age_cnn3d import AgeCNN3d
 
     torch.manual_seed(0)
     loader = make_loader(n=8, batch_size=4)  # 2 iterations per epoch

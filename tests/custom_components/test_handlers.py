@@ -6,9 +6,9 @@ import pytest
 import torch
 from ignite.engine import Engine
 
-from custom_components.brain_age import BiasCorrection
-from custom_components import handlers
-from custom_components.handlers import BrainAgeReport
+from custom_components.common.brain_age import BiasCorrection
+from custom_components.slice_cnn import handlers
+from custom_components.slice_cnn.handlers import BrainAgeReport
 
 
 def _engine(ages, predict, batch_size=4):
@@ -75,14 +75,14 @@ def test_plots_are_drawn_every_plot_interval_and_after_the_last_epoch(tmp_path, 
 
 
 def test_reconstruction_grids_follow_the_plot_interval(tmp_path, monkeypatch):
-    from custom_components import tgb_gan_figures
+    from custom_components.tgb_gan import figures
 
     drawn = []
-    monkeypatch.setattr(tgb_gan_figures, "reconstruction_figure", lambda *args, **kwargs: drawn.append(1))
-    monkeypatch.setattr(tgb_gan_figures, "save_figure", lambda *args, **kwargs: None)
+    monkeypatch.setattr(figures, "reconstruction_figure", lambda *args, **kwargs: drawn.append(1))
+    monkeypatch.setattr(figures, "save_figure", lambda *args, **kwargs: None)
     volume = torch.zeros(1, 4, 4, 4)
     evaluator = Engine(lambda engine, batch: [{"image": volume, "pred": volume}])
-    tgb_gan_figures.ReconstructionGrid(tmp_path, n_images=1, plot_interval=2).attach(evaluator)
+    figures.ReconstructionGrid(tmp_path, n_images=1, plot_interval=2).attach(evaluator)
     for _ in range(5):
         evaluator.run([0])
     assert len(drawn) == 2

@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from custom_components.hardware import cpu_has_fast_bf16
-from custom_components.inferers import CpuAutocastInferer
-from custom_components.networks.slice_set import SliceSetNet
+from custom_components.common.hardware import cpu_has_fast_bf16
+from custom_components.slice_cnn.inferers import CpuAutocastInferer
+from custom_components.slice_cnn.networks.slice_set import SliceSetNet
 
 
 class _DtypeProbe(nn.Module):

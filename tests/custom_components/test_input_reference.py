@@ -11,7 +11,7 @@ import torch
 from monai.transforms import Compose, LoadImaged, Orientationd, Resized
 
 from brainage_core.volumes import InputError
-from custom_components.input_reference import FEATURES, InputCheckd, InputReference
+from custom_components.common.input_reference import FEATURES, InputCheckd, InputReference
 from data_prep.simulate import simulate_cohort
 
 RESOLUTION = 8.0

@@ -3,8 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from custom_components.losses import TaskGuidedGANLoss, gradient_penalty
-from custom_components.networks.tgb_gan import WGANCritic
+from custom_components.tgb_gan.losses import TaskGuidedGANLoss, gradient_penalty
+from custom_components.tgb_gan.networks import WGANCritic
 
 
 class LinearCritic(nn.Module):

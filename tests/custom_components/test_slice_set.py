@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from custom_components.networks.slice_aggregators import AGGREGATIONS
-from custom_components.networks.slice_encoders import SFCN2DBlock, SFCN2DEncoder, build_resnet_backbone
-from custom_components.networks.slice_set import SLICE_AXES, SliceSetNet
+from custom_components.slice_cnn.networks.slice_aggregators import AGGREGATIONS
+from custom_components.slice_cnn.networks.slice_encoders import SFCN2DBlock, SFCN2DEncoder, build_resnet_backbone
+from custom_components.slice_cnn.networks.slice_set import SLICE_AXES, SliceSetNet
 
 SHAPE = (12, 10, 8)  # X, Y, Z: distinct sizes so that a wrong slicing axis shows
 TINY = dict(sfcn_channels=(4, 8), sfcn_feature_dim=8, embed_dim=8, num_heads=2, transformer_layers=1)

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from custom_components.networks.tgb_gan import ResidualAgeRegressor, ResidualBlock3d, TGBGenerator, WGANCritic
+from custom_components.tgb_gan.networks import ResidualAgeRegressor, ResidualBlock3d, TGBGenerator, WGANCritic
 
 
 def conv_params(c_in: int, c_out: int, kernel: int = 3) -> int:

@@ -8,7 +8,7 @@ import torch
 from ignite.engine import Engine
 from torch import nn
 
-from custom_components.weight_average import WeightAverage, ema_decay
+from custom_components.slice_cnn.weight_average import WeightAverage, ema_decay
 
 
 def _network() -> nn.Module:

@@ -17,7 +17,7 @@ import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
 from brainage_core.volumes import save_nifti
-from custom_components.brain_age import BiasCorrection
+from custom_components.common.brain_age import BiasCorrection
 from data_prep.packaging import BUNDLES_DIR, REPO, package_bundles
 
 from test_packaging import CASES

@@ -25,8 +25,8 @@ import yaml
 from monai.bundle import ConfigParser, ConfigWorkflow, verify_metadata
 
 from brainage_core.volumes import save_nifti
-from custom_components.brain_age import BiasCorrection
-from custom_components.input_reference import InputReference
+from custom_components.common.brain_age import BiasCorrection
+from custom_components.common.input_reference import InputReference
 from data_prep.__main__ import main
 from data_prep.packaging import BUNDLES_DIR, VENDORED, package_bundles
 
@@ -124,7 +124,7 @@ def test_packaged_inference_runs_without_this_repository(packaged, isolated_env)
         check = subprocess.run([sys.executable, "-c", f"import {blocked}"], cwd=bundle, env=isolated_env,
                                capture_output=True, text=True)
         assert check.returncode != 0 and f"{blocked} is blocked" in check.stderr
-    where = subprocess.run([sys.executable, "-c", "import scripts.custom_components.data as m; print(m.__file__)"],
+    where = subprocess.run([sys.executable, "-c", "import scripts.custom_components.common.data as m; print(m.__file__)"],
                            cwd=bundle, env=isolated_env, capture_output=True, text=True)
     assert Path(where.stdout.strip()).is_relative_to(bundle), where.stderr
 
@@ -187,9 +187,11 @@ def test_package_holds_model_zoo_layout_and_only_rewritten_code(packaged):
     modules = {path for path in files if path.startswith("scripts/") and path.endswith(".py")}
     assert {path.split("/")[1] for path in modules if path != "scripts/__init__.py"} == set(VENDORED)
     assert not [path for path in files if {"data_prep", "workflows"} & set(Path(path).parts)]  # nor their files
-    needs = {"slice_cnn_brainage": "networks/slice_set.py", "tgb_gan_augment": "networks/tgb_gan.py"}
+    needs = {"slice_cnn_brainage": "slice_cnn/networks/slice_set.py", "tgb_gan_augment": "tgb_gan/networks.py"}
     for bundle, module in needs.items():
         assert (f"scripts/custom_components/{module}" in modules) == (bundle == name)
+    other = {"slice_cnn_brainage": "tgb_gan", "tgb_gan_augment": "slice_cnn"}[name]  # the other bundle's own code
+    assert not [path for path in modules if path.startswith(f"scripts/custom_components/{other}/")]
     assert "scripts/brainage_core/volumes.py" in modules
     for path in modules:
         for node in ast.walk(ast.parse(files[path])):

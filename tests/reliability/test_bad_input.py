@@ -18,11 +18,10 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 
-from brainage_core.checks import user_error_message
-from brainage_core.checks import validate_datalist
+from brainage_core.checks import user_error_message, validate_datalist
 from brainage_core.datalist import read_datalist
 from brainage_core.volumes import InputError, save_nifti
-from custom_components.networks.tgb_gan import TGBGenerator
+from custom_components.tgb_gan.networks import TGBGenerator
 from data_prep.__main__ import main as data_prep_main
 from reliability_helpers import AFFINE, BUNDLES, GAN_TINY, SIZE, SLICE_TINY, ball, bundle_command
 
@@ -257,7 +256,7 @@ def test_shape_mismatch_is_refused_or_resampled_by_config(tmp_path, cohort, poli
 def test_unknown_component_name_gives_a_clean_message_before_any_data_is_loaded(tmp_path, cohort, option, value, expected):
     workflow = _workflow("slice_cnn_brainage", ["train"], tmp_path, cohort, **{option: value})
     message = _user_error(workflow.initialize)  # the network is built in initialize, before the datasets
-    assert expected in message and message.endswith("(while building custom_components.networks.slice_set.SliceSetNet)")
+    assert expected in message and message.endswith("(while building custom_components.slice_cnn.networks.slice_set.SliceSetNet)")
 
 
 def test_pretrained_weights_with_wrong_keys_and_shapes(tmp_path, cohort):

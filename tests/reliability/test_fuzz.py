@@ -15,8 +15,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from brainage_core.checks import check_bundle_inputs, load_split
-from brainage_core.checks import validate_datalist
+from brainage_core.checks import check_bundle_inputs, load_split, validate_datalist
 from brainage_core.volumes import InputError
 
 SIZE = (6, 6, 6)

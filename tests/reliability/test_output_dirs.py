@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 from monai.bundle import ConfigWorkflow
 
-from brainage_core.checks import user_error_message
-from brainage_core.checks import check_output_dir
+from brainage_core.checks import check_output_dir, user_error_message
 from brainage_core.volumes import InputError
 from data_prep.__main__ import main as data_prep_main
 from reliability_helpers import BUNDLES, GAN_TINY, SLICE_TINY

@@ -19,10 +19,10 @@ from monai.bundle import ConfigWorkflow
 from monai.handlers import CheckpointSaver
 
 from brainage_core.datalist import read_datalist
-from custom_components import synthesis
-from custom_components.networks.tgb_gan import TGBGenerator
-from custom_components.resume import AtomicCheckpointSaver
-from custom_components.synthesis import LatentSet, synthesise
+from custom_components.common.resume import AtomicCheckpointSaver
+from custom_components.tgb_gan import synthesis
+from custom_components.tgb_gan.networks import TGBGenerator
+from custom_components.tgb_gan.synthesis import LatentSet, synthesise
 from data_prep.preprocess import preprocess_datalist
 from reliability_helpers import BUNDLES, GAN_TINY, SLICE_TINY, bundle_command
 
@@ -127,7 +127,7 @@ def test_synthesis_resumes_without_rewriting_finished_volumes(tmp_path, cohort, 
         writes.append(Path(path).name)
         return real_save(data, affine, path, dtype)
 
-    monkeypatch.setattr("custom_components.synthesis.save_nifti", crashing_save)
+    monkeypatch.setattr("custom_components.tgb_gan.synthesis.save_nifti", crashing_save)
     with pytest.raises(KeyboardInterrupt):
         synthesise(**options)
     assert sorted(p.name for p in images.glob("syn_*")) == ["syn_0000.nii.gz", "syn_0001.nii.gz", "syn_0002.nii.gz"]
@@ -135,7 +135,7 @@ def test_synthesis_resumes_without_rewriting_finished_volumes(tmp_path, cohort, 
     before = {p.name: p.stat().st_mtime_ns for p in images.glob("syn_*")}
     (images / ".syn_0003.nii.gz.x1y2.part.nii.gz").write_bytes(b"half")  # a write killed midway
     writes.clear()
-    monkeypatch.setattr("custom_components.synthesis.save_nifti", real_save)
+    monkeypatch.setattr("custom_components.tgb_gan.synthesis.save_nifti", real_save)
     path = synthesise(**options)
     datalist = json.loads(path.read_text())
     assert datalist["n_synthetic"] == 4  # one bin of 6 codes topped up to 10

@@ -12,7 +12,7 @@ from ignite.engine import Engine
 
 from brainage_core.checks import lock_output_dir
 from brainage_core.volumes import InputError
-from custom_components.resume import TrainingResume
+from custom_components.common.resume import TrainingResume
 from data_prep.__main__ import main
 from reliability_helpers import BUNDLES, SLICE_TINY, bundle_command
 
@@ -87,7 +87,7 @@ def test_an_unreadable_resume_checkpoint_falls_back_to_the_previous_one(tmp_path
 
     fresh, restart = torch.nn.Linear(2, 1), Engine(lambda engine, batch: None)
     restart.state.max_epochs = 5
-    with caplog.at_level(logging.WARNING, logger="custom_components.resume"):
+    with caplog.at_level(logging.WARNING, logger="custom_components.common.resume"):
         assert _resume(tmp_path, fresh, restart).load(restart)
     assert restart.state.epoch == 1
     torch.testing.assert_close(fresh.weight, weights[0])

@@ -14,9 +14,9 @@ from torch import nn
 from torch.optim import Optimizer
 
 from brainage_core.options import as_bool
-from custom_components.batch_norm import recompute_batch_norm_statistics
-from custom_components.data import PrepareImageTarget
-from custom_components.losses import TaskGuidedGANLoss
+from custom_components.common.batch_norm import recompute_batch_norm_statistics
+from custom_components.common.data import PrepareImageTarget
+from custom_components.tgb_gan.losses import TaskGuidedGANLoss
 
 
 class TGBGANKeys(StrEnum):
@@ -74,9 +74,9 @@ class TaskGuidedGANTrainer(Trainer):
     AMP: on CUDA, ``amp`` runs autocast + one GradScaler per optimiser (``g_scaler`` and ``d_scaler``; save
     them with the checkpoint when resuming matters). On a CPU, ``cpu_bf16`` runs bfloat16 autocast (no
     scaler: bfloat16 has float32's range); worth it only on CPUs with bf16 units
-    (:func:`custom_components.hardware.cpu_has_fast_bf16`). ``amp=True`` off CUDA is accepted with a
+    (:func:`custom_components.common.hardware.cpu_has_fast_bf16`). ``amp=True`` off CUDA is accepted with a
     warning. The gradient penalty stays in bfloat16 autocast and leaves float16 for float32
-    (:func:`custom_components.losses.gradient_penalty`).
+    (:func:`custom_components.tgb_gan.losses.gradient_penalty`).
 
     Random draws (gradient-penalty interpolation weights, regressor dropout) use torch's global RNG, which
     the bundle seeds (``monai.utils.set_determinism``).
@@ -122,7 +122,7 @@ class TaskGuidedGANTrainer(Trainer):
             the warm-up), so their iteration count starts where the adversarial phase starts. A scheduler
             stepped per epoch by a handler would instead decay the rates through the warm-up, before the
             critic and the age term are ever trained.
-        prepare_batch: returns ``(images, ages)``; defaults to :class:`~custom_components.data.PrepareImageTarget` with keys
+        prepare_batch: returns ``(images, ages)``; defaults to :class:`~custom_components.common.data.PrepareImageTarget` with keys
             ``image`` and ``age``.
     """
 

@@ -14,7 +14,7 @@ class CpuAutocastInferer(Inferer):
     """Run the network under CPU autocast to ``dtype`` (bfloat16) when ``enabled``, and return float32.
 
     MONAI's engines autocast on CUDA only (their ``amp``); this gives CPUs with bfloat16 instructions the
-    same gain (``custom_components.hardware``). Disabled, or when the input is not on the CPU, it is the
+    same gain (``custom_components.common.hardware``). Disabled, or when the input is not on the CPU, it is the
     plain forward pass.
     """
 

@@ -18,9 +18,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from custom_components.networks.slice_aggregators import build_aggregator
-from custom_components.networks.slice_encoders import SFCN2D_CHANNELS, build_slice_encoder
-from custom_components.networks.output_layer import ScaledLinear
+from custom_components.common.networks.output_layer import ScaledLinear
+from custom_components.slice_cnn.networks.slice_aggregators import build_aggregator
+from custom_components.slice_cnn.networks.slice_encoders import SFCN2D_CHANNELS, build_slice_encoder
 
 SLICE_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
 

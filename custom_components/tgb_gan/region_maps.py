@@ -26,8 +26,8 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from brainage_core.volumes import atomic_path, save_nifti
+from custom_components.common.plots import map_overlay_figure, save_figure
 
-from .plots import map_overlay_figure, save_figure
 from .synthesis import LatentSet, fit_age_direction
 
 MAP_NAMES = ("group_means", "traversal", "real_group_means")

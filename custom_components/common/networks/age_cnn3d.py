@@ -1,6 +1,6 @@
 """A well-conditioned 3D residual CNN for brain age: TGB-GAN's default task branch and downstream 3D model.
 
-The paper's regressor (:class:`~custom_components.networks.tgb_gan.ResidualAgeRegressor`) stays selectable,
+The paper's regressor (:class:`~custom_components.tgb_gan.networks.ResidualAgeRegressor`) stays selectable,
 but it does not learn on 100 subjects: with no normalisation, a zero-padded identity and max-pooling, its
 features at initialisation are dominated by the maximum intensity of large blocks (one channel holds most
 of the between-subject variance and no age), and its flattened head has hundreds of thousands of weights.
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from brainage_core.options import as_bool
-from custom_components.networks.output_layer import ScaledLinear
+from custom_components.common.networks.output_layer import ScaledLinear
 
 
 def _conv_bn(c_in: int, c_out: int, kernel_size: int, stride: int = 1) -> list[nn.Module]:

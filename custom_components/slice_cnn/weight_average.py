@@ -6,7 +6,7 @@ rate was high. The average over the last epochs is a smoother and usually better
 checkpoint no longer depends on which epoch happened to end on a lucky step.
 
 Batch-norm statistics are not averaged: after the averaged weights change, they are recomputed for them
-(``custom_components.batch_norm.PreciseBatchNorm`` on ``WeightAverage.module``).
+(``custom_components.common.batch_norm.PreciseBatchNorm`` on ``WeightAverage.module``).
 """
 from __future__ import annotations
 

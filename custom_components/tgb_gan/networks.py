@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from custom_components.networks.output_layer import ScaledLinear
+from custom_components.common.networks.output_layer import ScaledLinear
 
 
 def _check_odd_kernel(kernel_size: int) -> None:

@@ -25,8 +25,8 @@ from scipy import stats
 from brainage_core.datalist import read_datalist, write_datalist
 from brainage_core.options import as_bool
 from brainage_core.volumes import atomic_path
-from custom_components.handlers import write_csv
-from custom_components.plots import plot_condition_bars
+from custom_components.common.handlers import write_csv
+from custom_components.common.plots import plot_condition_bars
 
 REAL = "real"
 

@@ -8,8 +8,8 @@ import torch
 from ignite.engine import Engine
 from monai.handlers import from_engine
 
-from .handlers import EpochCollector, PlotInterval
-from .plots import VIEWS, central_slices, plt, save_figure
+from custom_components.common.handlers import EpochCollector, PlotInterval
+from custom_components.common.plots import VIEWS, central_slices, plt, save_figure
 
 
 def reconstruction_figure(real, reconstruction, title: str = "real vs reconstructed"):
