@@ -29,16 +29,16 @@ test-deploy:
 	test -x $(DEPLOY_VENV)/bin/python || $(PYTHON) -m venv $(DEPLOY_VENV)
 	$(DEPLOY_VENV)/bin/python -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(DEPLOY_VENV)/bin/python -m pip install -q -e ".[test,deploy]"
-	ulimit -s 32768; $(DEPLOY_VENV)/bin/python -m pytest -n 0 tests/data_prep/test_deploy_app.py
+	ulimit -s 32768; $(DEPLOY_VENV)/bin/python -m pytest -n 0 tests/workflows/test_deploy_app.py
 
 demo: setup
-	$(PY) -m data_prep demo --out $(DEMO_DIR)
+	$(PY) -m workflows demo --out $(DEMO_DIR)
 
 bench: setup
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
 
 bundles: setup
-	$(PY) -m data_prep package-bundles --out_dir dist
+	$(PY) -m workflows package-bundles --out_dir dist
 
 clean:
 	rm -rf $(VENV) $(DEPLOY_VENV) runs dist .pytest_cache

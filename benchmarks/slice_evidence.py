@@ -49,7 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 from brainage_core.datalist import read_datalist, write_datalist
 from brainage_core.options import as_bool
 from custom_components.slice_cnn.baselines import ad_baseline, age_baselines, region_mean_auc
-from data_prep.demo import bundle_run, children_cpu_seconds
+from workflows.demo import bundle_run, children_cpu_seconds
 
 CONFIGS = REPO / "bundles" / "slice_cnn_brainage" / "configs"
 TRAIN, EVALUATE = CONFIGS / "train.json", CONFIGS / "evaluate.json"

@@ -5,7 +5,7 @@
 - INPUT: a folder of NIfTI volumes on the bundle's grid (what ``python -m data_prep preprocess`` writes),
   with an optional ``ages.csv`` (columns ``subject,age``; subject = file name without ``.nii(.gz)``; every
   volume listed) for the brain-age gap.
-- BUNDLE (the SDK's model path): the unzipped Model Zoo bundle (``python -m data_prep package-bundles``); the
+- BUNDLE (the SDK's model path): the unzipped Model Zoo bundle (``python -m workflows package-bundles``); the
   app runs that bundle's own ``configs/inference.json`` (its preprocessing, input check, network and
   ``postprocessing``), so it needs nothing of this repository.
 - OUTPUT: ``brain_age.json``, one entry per subject: ``predicted_age`` and, where the age is known,

@@ -1,8 +1,6 @@
-"""The canonical grid, volume checks, atomic writes, datalists and the command line."""
+"""The canonical grid, volume checks, atomic writes and datalists."""
 import gzip
 import json
-import subprocess
-import sys
 
 import nibabel as nib
 import numpy as np
@@ -11,7 +9,6 @@ import pytest
 from brainage_core.datalist import read_datalist, write_datalist
 from brainage_core.grid import canonical_grid
 from brainage_core.volumes import InputError, atomic_path, load_volume, save_nifti
-from data_prep.__main__ import main
 
 
 @pytest.mark.parametrize("res, n", [(1, 192), (2, 96), (4, 48)])
@@ -106,17 +103,3 @@ def test_datalist_paths_relative_inside_and_absolute_outside(tmp_path):
     back = read_datalist(path)
     assert back["training"][0]["image"] == str(inside) and back["test"][0]["image"] == str(outside)
     assert "source" not in back
-
-
-def test_cli_lists_commands_and_rejects_unknown(capsys):
-    assert main([]) == 0
-    out = capsys.readouterr().out
-    for name in ("ingest-ixi", "ingest-bids", "ingest-csv", "ingest-dicom", "preprocess", "simulate-cohort", "demo"):
-        assert name in out
-    assert main(["no-such-command"]) == 2
-    assert "unknown command" in capsys.readouterr().err
-
-
-def test_cli_runs_as_module(repo_root):
-    proc = subprocess.run([sys.executable, "-m", "data_prep", "--help"], capture_output=True, text=True, cwd=repo_root)
-    assert proc.returncode == 0 and "simulate-cohort" in proc.stdout

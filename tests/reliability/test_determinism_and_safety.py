@@ -92,8 +92,8 @@ def test_bundles_refuse_pickle_bearing_checkpoints(tmp_path, cohort, bundle, con
 
 
 def test_every_torch_load_in_the_code_is_weights_only():
-    sources = [p for folder in ("custom_components", "data_prep", "bundles", "benchmarks") for p in (REPO / folder).rglob("*")
-               if p.suffix in (".py", ".json")]
+    folders = ("brainage_core", "custom_components", "data_prep", "workflows", "bundles", "benchmarks")
+    sources = [p for folder in folders for p in (REPO / folder).rglob("*") if p.suffix in (".py", ".json")]
     calls = []
     for path in sources:
         text = path.read_text()

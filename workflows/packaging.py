@@ -1,6 +1,6 @@
 """Packaging for sharing: each bundle as a self-contained zip in the MONAI Model Zoo layout.
 
-``python -m data_prep package-bundles`` (``make bundles``) writes ``dist/<name>_v<version>.zip`` holding
+``python -m workflows package-bundles`` (``make bundles``) writes ``dist/<name>_v<version>.zip`` holding
 ``<name>/`` with the bundle's configs, docs, LICENSE, large_files.yml, the large files it lists that
 exist (the trained ``models/model.pt``; packaging refuses when one a config loads is missing), and
 ``scripts/``: exactly the modules of this repository the configs need, found by following imports
@@ -30,7 +30,7 @@ BUNDLES_DIR = REPO / "bundles"
 VENDORED = ("brainage_core", "custom_components")  # this repository's packages, copied into scripts/
 SCRIPTS = "scripts"
 COPIED = ("configs", "docs", "LICENSE", "large_files.yml")  # the Model Zoo layout, models/ aside
-SCRIPTS_INIT = '"""This repository\'s code the bundle\'s configs use, vendored by data_prep.packaging."""\n'
+SCRIPTS_INIT = '"""This repository\'s code the bundle\'s configs use, vendored by workflows.packaging."""\n'
 ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed entry times: the same inputs give the same zip
 _REF = re.compile(r"@[\w#]+")  # MONAI's @id#sub references, which are not Python
 _FROM = re.compile(rb"from\s+")
@@ -167,7 +167,7 @@ def _weights(bundle: Path, source: Path, configs: dict[str, bytes]) -> dict[str,
             raise InputError(
                 f"{bundle.name}: {', '.join(users)} need {path}, which is not at {source / path}; train the bundle "
                 f"into it (configs/train.json --bundle_root {source}) or package a run's weights with "
-                f"`python -m data_prep package-bundles --bundles {bundle.name} --models_from <the run's bundle_root>`"
+                f"`python -m workflows package-bundles --bundles {bundle.name} --models_from <the run's bundle_root>`"
             )
     return found
 
@@ -180,7 +180,7 @@ def _hashed_large_files(listing: bytes, weights: dict[str, bytes]) -> bytes:
     for entry in content["large_files"]:
         if entry["path"] in weights:
             entry.update(hash_val=hashlib.sha256(weights[entry["path"]]).hexdigest(), hash_type="sha256")
-    header = "# Written by data_prep.packaging: the sha256 of each large file packaged in this zip.\n"
+    header = "# Written by workflows.packaging: the sha256 of each large file packaged in this zip.\n"
     return (header + yaml.safe_dump(content, sort_keys=False)).encode()
 
 

@@ -27,8 +27,8 @@ from monai.bundle import ConfigParser, ConfigWorkflow, verify_metadata
 from brainage_core.volumes import save_nifti
 from custom_components.common.brain_age import BiasCorrection
 from custom_components.common.input_reference import InputReference
-from data_prep.__main__ import main
-from data_prep.packaging import BUNDLES_DIR, VENDORED, package_bundles
+from workflows.__main__ import main
+from workflows.packaging import BUNDLES_DIR, VENDORED, package_bundles
 
 SCHEMA = Path(__file__).resolve().parents[3] / "shared" / "monai" / "meta_schema_20240725.json"
 REPOSITORY_PACKAGES = ("brainage_core", "custom_components", "data_prep", "workflows")  # none importable in the test
@@ -192,7 +192,7 @@ def test_package_holds_model_zoo_layout_and_only_rewritten_code(packaged):
         assert (f"scripts/custom_components/{module}" in modules) == (bundle == name)
     other = {"slice_cnn_brainage": "tgb_gan", "tgb_gan_augment": "slice_cnn"}[name]  # the other bundle's own code
     assert not [path for path in modules if path.startswith(f"scripts/custom_components/{other}/")]
-    assert "scripts/brainage_core/volumes.py" in modules
+    assert "scripts/brainage_core/volumes.py" in modules and "scripts/brainage_core/cli.py" not in modules
     for path in modules:
         for node in ast.walk(ast.parse(files[path])):
             imported = [a.name for a in node.names] if isinstance(node, ast.Import) else (

@@ -1,10 +1,10 @@
 """``make demo``: the main job on the embedded default data, as a list of re-runnable shell steps.
 
-Each step is a command line of this project's own CLIs (``python -m data_prep ...`` or the bundles'
-``python -m monai.bundle run ...``), run from the repository root; its output streams to the console and
-to ``<out>/logs/<step>.log``. A failing step stops the demo, naming the command and the log. After every
-step ``<out>/steps.json`` records its command, outputs, log and time; the last step writes
-``<out>/report.md`` and ``report.html`` from it (``python -m data_prep demo-report``).
+Each step is a command line of this project's own CLIs (``python -m data_prep ...``, the bundles'
+``python -m monai.bundle run ...`` or ``python -m workflows ...``), run from the repository root; its output
+streams to the console and to ``<out>/logs/<step>.log``. A failing step stops the demo, naming the command
+and the log. After every step ``<out>/steps.json`` records its command, outputs, log and time; the last step
+writes ``<out>/report.md`` and ``report.html`` from it (``python -m workflows demo-report``).
 
 The steps: simulate a healthy cohort and a small AD cohort; train TGB-GAN on the healthy training split,
 synthesise age-balanced volumes and map age-related regions (scored against the simulator's ground
@@ -161,7 +161,7 @@ def bundle_run(configs: list[Path], **overrides) -> list[str]:
 
 def report_argv(out: Path) -> list[str]:
     """The command that (re)writes the report of the demo in ``out``."""
-    return [sys.executable, "-m", "data_prep", "demo-report", "--out", str(out)]
+    return [sys.executable, "-m", "workflows", "demo-report", "--out", str(out)]
 
 
 def demo_steps(out: Path, settings: DemoSettings, ixi_datalist: Path | None) -> list[Step]:

@@ -18,7 +18,7 @@ from monai.bundle import ConfigParser, ConfigWorkflow
 
 from brainage_core.volumes import save_nifti
 from custom_components.common.brain_age import BiasCorrection
-from data_prep.packaging import BUNDLES_DIR, REPO, package_bundles
+from workflows.packaging import BUNDLES_DIR, REPO, package_bundles
 
 from test_packaging import CASES
 

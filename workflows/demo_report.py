@@ -1,10 +1,10 @@
 """The demo's report: ``<out>/report.md`` and a self-contained ``<out>/report.html`` from what the steps wrote.
 
-Reads ``<out>/steps.json`` (commands, logs, times; written by ``data_prep.demo``) and the outputs of each
+Reads ``<out>/steps.json`` (commands, logs, times; written by ``workflows.demo``) and the outputs of each
 step (metrics JSON/CSV, plots, the GAN's synthetic datalist, region-map scores, IXI predictions), draws
 one figure of its own (real / GAN-reconstructed / synthetic test volumes) and writes the same content
 twice: Markdown with images by relative path, HTML with images embedded as base64 so the file opens
-anywhere. Re-run alone: ``python -m data_prep demo-report --out runs/demo``.
+anywhere. Re-run alone: ``python -m workflows demo-report --out runs/demo``.
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ import pytest
 
 from brainage_core.datalist import read_datalist
 from brainage_core.volumes import InputError
-from data_prep.demo import DemoLayout, DemoSettings, Step, StepFailed, demo_steps, ixi_sample_datalist, run_demo, run_step
+from workflows.demo import DemoLayout, DemoSettings, Step, StepFailed, demo_steps, ixi_sample_datalist, run_demo, run_step
 
 REPO = Path(__file__).resolve().parents[2]
 TOY_RESOLUTION = 8.0  # 24^3 volumes
@@ -118,7 +118,7 @@ def test_ixi_steps_preprocess_and_predict_the_real_scans_with_the_plain_warning(
         rows = {r["subject"]: r for r in csv.DictReader(handle)}
     assert set(rows) == {"IXI012-HH-1211", "IXI015-HH-1258"}
     assert all(float(r["predicted_age"]) > 0 and r["age"] for r in rows.values())
-    subprocess.run([sys.executable, "-m", "data_prep", "demo-report", "--out", str(toy_demo)], cwd=REPO, check=True,
+    subprocess.run([sys.executable, "-m", "workflows", "demo-report", "--out", str(toy_demo)], cwd=REPO, check=True,
                    capture_output=True, timeout=300)
     report = at.report.read_text()
     assert "IXI012-HH-1211" in report and "pipeline check" in report and "not a clinical" in report
@@ -128,7 +128,7 @@ def test_report_on_a_failed_demo_names_the_failed_step(tmp_path):
     (tmp_path / "steps.json").write_text(json.dumps({"repository": str(REPO), "steps": [
         {"name": "03_train_gan", "command": "x", "outputs": "y", "log": str(tmp_path / "logs" / "03_train_gan.log"),
          "failed": True}]}))
-    result = subprocess.run([sys.executable, "-m", "data_prep", "demo-report", "--out", str(tmp_path)], cwd=REPO,
+    result = subprocess.run([sys.executable, "-m", "workflows", "demo-report", "--out", str(tmp_path)], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "03_train_gan" in result.stderr and "03_train_gan.log" in result.stderr
 
