@@ -39,7 +39,7 @@ AGGREGATIONS = ("mean", "max", "attention", "transformer")
 # drowns the signal) at lr 3e-3. Measured here over 36 full-batch steps (4 seeds): mean and max end at
 # 0.69-0.85 of the first loss, attention lower. The transformer pool is seed-fragile on this tiny problem
 # (2 of 4 seeds stay at the mean-age predictor), so here it is only checked to train to a finite loss and
-# a checkpoint; tests/custom_components/test_slice_set.py shows its loss halving on a tiny regression.
+# a checkpoint; tests/custom_components/slice_cnn/test_slice_set.py shows its loss halving on a tiny regression.
 LOSS_TEST_SETTINGS = {"network_def#dropout": 0.0, "learning_rate": 0.003}
 LOSS_FALLS = ("mean", "max", "attention")
 

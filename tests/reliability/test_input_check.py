@@ -1,7 +1,7 @@
 """The out-of-distribution check in both bundles: training writes ``models/input_reference.pt``, inference
 writes ``inference_input_check.csv`` beside its outputs and flags the inputs unlike the training data
 (contrast-inverted, un-normalised, noise) and none of the held-out subjects. The measures themselves are
-tested on a simulated cohort and real raw IXI heads in tests/custom_components/test_input_reference.py."""
+tested on a simulated cohort and real raw IXI heads in tests/custom_components/common/test_input_reference.py."""
 from __future__ import annotations
 
 import csv

@@ -72,17 +72,3 @@ def test_plots_are_drawn_every_plot_interval_and_after_the_last_epoch(tmp_path, 
     assert drawn == [("scatter", None)] * 2
     with pytest.raises(ValueError, match="plot_interval"):
         handlers.LearningCurve(tmp_path, plot_interval=0)
-
-
-def test_reconstruction_grids_follow_the_plot_interval(tmp_path, monkeypatch):
-    from custom_components.tgb_gan import figures
-
-    drawn = []
-    monkeypatch.setattr(figures, "reconstruction_figure", lambda *args, **kwargs: drawn.append(1))
-    monkeypatch.setattr(figures, "save_figure", lambda *args, **kwargs: None)
-    volume = torch.zeros(1, 4, 4, 4)
-    evaluator = Engine(lambda engine, batch: [{"image": volume, "pred": volume}])
-    figures.ReconstructionGrid(tmp_path, n_images=1, plot_interval=2).attach(evaluator)
-    for _ in range(5):
-        evaluator.run([0])
-    assert len(drawn) == 2
