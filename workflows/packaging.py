@@ -3,8 +3,8 @@
 ``python -m workflows package-bundles`` (``make bundles``) writes ``dist/<name>_v<version>.zip`` holding
 ``<name>/`` with the bundle's configs, docs, LICENSE, large_files.yml, the large files it lists that
 exist (the trained ``models/model.pt``; packaging refuses when one a config loads is missing), and
-``scripts/``: exactly the modules of this repository the configs need, found by following imports
-transitively from the modules the configs name. The vendored code and the configs' ``_target_`` and
+``scripts/``: exactly the modules of the runtime core (``brainage_core``) and ``custom_components`` the configs
+need, found by following imports transitively from the modules the configs name. The vendored code and the configs' ``_target_`` and
 ``$`` expressions are rewritten to ``scripts.``-prefixed names, so the unzipped bundle runs with
 ``python -m monai.bundle run --config_file configs/inference.json`` from its folder (``-m`` puts the
 working directory first on ``sys.path``) without this repository installed. Run from elsewhere, the bundle
@@ -27,7 +27,7 @@ from brainage_core.volumes import InputError, atomic_path
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES_DIR = REPO / "bundles"
-VENDORED = ("brainage_core", "custom_components")  # this repository's packages, copied into scripts/
+VENDORED = ("brainage_core", "custom_components")  # this repository's runtime packages, copied into scripts/
 SCRIPTS = "scripts"
 COPIED = ("configs", "docs", "LICENSE", "large_files.yml")  # the Model Zoo layout, models/ aside
 SCRIPTS_INIT = '"""This repository\'s code the bundle\'s configs use, vendored by workflows.packaging."""\n'
