@@ -37,12 +37,11 @@ import numpy as np
 import torch
 from ignite.engine import Events
 
+REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(REPO))  # this checkout's packages, also for the two benchmarks imported here
 import bench_gan_train  # noqa: E402
 import bench_slice_train  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 from brainage_core.datalist import write_datalist  # noqa: E402
 from brainage_core.volumes import save_nifti  # noqa: E402
 from custom_components.common.hardware import cpu_has_fast_bf16  # noqa: E402
