@@ -24,12 +24,17 @@ def usage(program: str, commands: Commands) -> str:
     return "\n".join(lines)
 
 
-def run_command(program: str, commands: Commands, argv: Sequence[str] | None = None) -> int:
-    """Run the command ``argv`` names (``sys.argv[1:]`` when None) with python-fire; return the exit status."""
+def run_command(program: str, commands: Commands, argv: Sequence[str] | None = None,
+                moved: Mapping[str, str] | None = None) -> int:
+    """Run the command ``argv`` names (``sys.argv[1:]`` when None) with python-fire; return the exit status.
+    ``moved``: former commands -> the command line that replaces them, named in the error."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage(program, commands))
         return 0
+    if argv[0] in (moved or {}):
+        print(f"error: {program} {argv[0]} moved: run {moved[argv[0]]}", file=sys.stderr)
+        return 2
     if argv[0] not in commands:
         print(f"error: unknown command {argv[0]!r}\n\n{usage(program, commands)}", file=sys.stderr)
         return 2

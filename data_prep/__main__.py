@@ -18,10 +18,11 @@ COMMANDS = {
     "simulate-cohort": ("data_prep.simulate", "simulate_cohort", "simulated ageing cohort on MNI152 anatomy"),
     "validate": ("data_prep.validate", "validate_command", "check a datalist and its images before a run; lists every problem"),
 }
+MOVED = {name: f"python -m workflows {name}" for name in ("demo", "demo-report", "package-bundles")}
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_command("python -m data_prep", COMMANDS, argv)
+    return run_command("python -m data_prep", COMMANDS, argv, MOVED)
 
 
 if __name__ == "__main__":

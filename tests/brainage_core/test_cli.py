@@ -32,3 +32,9 @@ def test_cli_lists_commands_and_rejects_unknown(capsys, package):
 def test_cli_runs_as_module(repo_root, package, command):
     proc = subprocess.run([sys.executable, "-m", package, "--help"], capture_output=True, text=True, cwd=repo_root)
     assert proc.returncode == 0 and command in proc.stdout
+
+
+@pytest.mark.parametrize("command", ["demo", "demo-report", "package-bundles"])
+def test_data_prep_names_where_a_moved_command_went(capsys, command):
+    assert data_prep_main([command, "--out", "x"]) == 2
+    assert f"python -m data_prep {command} moved: run python -m workflows {command}" in capsys.readouterr().err
