@@ -42,9 +42,27 @@ from brainage_core.grid import CENTRE_MM, Grid
 from brainage_core.volumes import InputError, atomic_path, normalise_intensity, save_nifti
 
 from .anatomy import Anatomy, template_anatomy
-from .effects import (AD_SEVERITY_RANGE, DISPLACEMENT_SD_MM, SITE_EFFECT_LOG_SD, Lattice, Site, SubjectFields, SubjectParams,
-                      coarse_lattice, draw_fields, draw_site, draw_subject, lesion_load, rician, template_points,
-                      tissue_image, undo_pose, upsample, ventricle_expansion, world_to_voxel)
+from .effects import (
+    AD_SEVERITY_RANGE,
+    DISPLACEMENT_SD_MM,
+    SITE_EFFECT_LOG_SD,
+    Lattice,
+    Site,
+    SubjectFields,
+    SubjectParams,
+    coarse_lattice,
+    draw_fields,
+    draw_site,
+    draw_subject,
+    lesion_load,
+    rician,
+    template_points,
+    tissue_image,
+    undo_pose,
+    upsample,
+    ventricle_expansion,
+    world_to_voxel,
+)
 from .ingest import ingest_bids
 
 SUBJECT_STREAM, SITE_STREAM, RAW_STREAM, PICTURE_STREAM = 0, 1, 2, 3

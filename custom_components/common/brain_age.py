@@ -44,7 +44,7 @@ class BiasCorrection(nn.Module):
         self.register_buffer("intercept", torch.zeros(()))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
 
-    def fit(self, predicted, age) -> "BiasCorrection":
+    def fit(self, predicted, age) -> BiasCorrection:
         """Least-squares fit of gap on age; needs at least two distinct ages."""
         predicted, age = np.asarray(predicted, float).ravel(), np.asarray(age, float).ravel()
         if age.size < 2 or np.ptp(age) == 0:

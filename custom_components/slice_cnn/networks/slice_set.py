@@ -13,7 +13,6 @@ trained model (also on its TorchScript export).
 """
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import nn
@@ -35,7 +34,7 @@ class SlicePositionEmbedding(nn.Module):
         self.weight = nn.Parameter(nn.init.kaiming_normal_(torch.empty(num_slices, dim)))
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, slice_indices: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, slice_indices: torch.Tensor | None) -> torch.Tensor:
         """``x`` (B, S', F); ``slice_indices`` (S',) the kept slices, None when all S are present."""
         position = self.weight if slice_indices is None else self.weight.index_select(0, slice_indices)
         return self.norm(x + position)
@@ -171,7 +170,7 @@ class SliceSetNet(nn.Module):
             raise ValueError("attention weights exist only with aggregation='attention'")
         return prediction, weights
 
-    def _predict(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def _predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         self._check_input(x)
         slices = x[:, 0].movedim(self.slice_dim, 1)  # (B, S, H, W)
         slice_indices = self._kept_slice_indices(slices.shape[1], x.device)
@@ -196,7 +195,7 @@ class SliceSetNet(nn.Module):
                 "the network (and its slice position embedding) was built for"
             )
 
-    def _kept_slice_indices(self, num_slices: int, device: torch.device) -> Optional[torch.Tensor]:
+    def _kept_slice_indices(self, num_slices: int, device: torch.device) -> torch.Tensor | None:
         """Indices of the slices to use, in order; None for all of them."""
         if self.training:
             if self.slice_dropout > 0.0:
