@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from monai.bundle import ConfigParser
 
+from brainage_core.grid import DEFAULT_RESOLUTION_MM, canonical_grid
+
 BUNDLES = Path(__file__).resolve().parents[2] / "bundles"
 # per bundle: the intensity transforms that follow the loading transforms in train.json's preprocessing
 SCALING = {"slice_cnn_brainage": "normalising_transforms", "tgb_gan_augment": "scaling_transforms"}
@@ -79,6 +81,14 @@ def consistency_problems(config_dir: Path, bundle: str) -> list[str]:
 @pytest.mark.parametrize("bundle", sorted(SCALING))
 def test_train_and_inference_configs_agree(bundle):
     assert consistency_problems(BUNDLES / bundle / "configs", bundle) == []
+
+
+@pytest.mark.parametrize("bundle", sorted(SCALING))
+def test_every_image_size_is_the_default_grid(bundle):
+    """The simulator's default cohort (``DEFAULT_RESOLUTION_MM``) is what every config expects."""
+    shape = list(canonical_grid(DEFAULT_RESOLUTION_MM).shape)
+    sizes = _image_sizes(BUNDLES / bundle / "configs")
+    assert "inference.json#image_size" in sizes and sizes == dict.fromkeys(sizes, shape)
 
 
 @pytest.mark.parametrize("bundle", sorted(SCALING))
