@@ -69,9 +69,8 @@ class SliceSetNet(nn.Module):
         pretrained_weights: ResNets only: a local file with a torchvision-style ResNet state dict.
         sfcn_channels, sfcn_feature_dim, dropout: sfcn2d widths (default the paper's) and dropout.
         sfcn_norm: sfcn2d's normalisation: "instance" (the paper's) or "batch". Instance norm of every slice
-            removes most of what differs between subjects (on the 4 mm simulated cohort the pooled features
-            of 16 subjects differed by ~1% of their size and 125 Adam steps left the model predicting the
-            mean age); batch norm keeps it, and the same run learned within 50 steps.
+            removes most of what differs between subjects, so the model stays at the mean age; batch norm
+            keeps it (figures: the Performance section of ``bundles/slice_cnn_brainage/docs/README.md``).
         num_heads: heads of the attention and transformer aggregators.
         transformer_layers: depth of the transformer aggregator.
         head_hidden: hidden width of the prediction head.
