@@ -21,6 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: setup
+	$(PY) -m ruff check .
 	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
 
 # the MONAI Deploy app's test, in its own environment: the SDK brings holoscan and a CUDA runtime (~1.5 GB)

@@ -127,8 +127,8 @@ def main() -> None:
     header = ("variant", "step s", "vol/s", "x eager", "peak RSS GB")
     print(("{:<16}" + "{:>12}" * (len(header) - 1)).format(*header))
     for name in names:
-        print(("{:<16}{:>12.2f}{:>12.3f}{:>12.2f}{:>12.2f}").format(
-            name, step[name], args.batch / step[name], step[BASELINE] / step[name], runners[name].peak_rss / 1e9))
+        print(f"{name:<16}{step[name]:>12.2f}{args.batch / step[name]:>12.3f}"
+              f"{step[BASELINE] / step[name]:>12.2f}{runners[name].peak_rss / 1e9:>12.2f}")
     print(f"x eager: speed-up over {BASELINE} in this process; the trainer's CPU path is bf16_autocast where "
           f"the CPU has bf16 units, {BASELINE} elsewhere")
 

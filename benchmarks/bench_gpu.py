@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(REPO))  # this checkout's packages, also for the two benchmarks imported here
 import bench_gan_train  # noqa: E402
 import bench_slice_train  # noqa: E402
+
 from brainage_core.datalist import write_datalist  # noqa: E402
 from brainage_core.volumes import save_nifti  # noqa: E402
 from custom_components.common.hardware import cpu_has_fast_bf16  # noqa: E402
@@ -96,7 +97,7 @@ def model_only(args, device: torch.device) -> dict:
                 x = torch.rand(args.gan_batch, 1, *model_shape, device=device)
                 y = 20 + 60 * torch.rand(args.gan_batch, 1, device=device)
             batch = x.shape[0]
-            rate = steps_per_second(lambda: runner.train_step(x, y), device, args.steps, args.repeats)
+            rate = steps_per_second(lambda r=runner, x=x, y=y: r.train_step(x, y), device, args.steps, args.repeats)
             results[f"{name} | {precision}"] = {"volumes_per_second": batch * rate, "batch": batch,
                                                 "shape": list(model_shape)}
             print(f"  model only: {name}, {precision}: {batch * rate:.1f} volumes/s", flush=True)

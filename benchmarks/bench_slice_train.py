@@ -107,7 +107,7 @@ def benchmark(args: argparse.Namespace) -> None:
     flops = counter.get_total_flops()
     first = {BASELINE: float("nan")}
     for name in names[1:]:
-        first[name] = seconds(lambda: runners[name].train_step(x, y))  # includes compilation
+        first[name] = seconds(lambda r=runners[name]: r.train_step(x, y))  # includes compilation
         print(f"  {name}: first training step {first[name]:.1f} s", flush=True)
     train = interleaved_medians({name: (lambda r=runner: r.train_step(x, y)) for name, runner in runners.items()},
                                 args.repeats)

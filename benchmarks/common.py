@@ -45,8 +45,8 @@ def matmul_flops_per_second(dtype: torch.dtype = torch.float32, max_size: int = 
     size = 256
     while True:
         a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
-        if size >= max_size or seconds(lambda: a @ b) > 0.2:
-            return 2 * size**3 / median_seconds(lambda: a @ b, repeats=repeats)
+        if size >= max_size or seconds(lambda a=a, b=b: a @ b) > 0.2:
+            return 2 * size**3 / median_seconds(lambda a=a, b=b: a @ b, repeats=repeats)
         size *= 2
 
 

@@ -28,8 +28,13 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from brainage_core.grid import axis_angle_rotation, resample_to_grid  # noqa: E402
 from brainage_core.volumes import load_volume, normalise_intensity  # noqa: E402
-from data_prep.preprocess import (MAX_MISALIGNMENT_MM, MIN_TEMPLATE_CORRELATION, register_scan,  # noqa: E402
-                                  residual_misalignment_mm, template_on_grid)
+from data_prep.preprocess import (  # noqa: E402
+    MAX_MISALIGNMENT_MM,
+    MIN_TEMPLATE_CORRELATION,
+    register_scan,
+    residual_misalignment_mm,
+    template_on_grid,
+)
 from data_prep.qc import normalised_correlation  # noqa: E402
 from data_prep.registration import use_itk_threads  # noqa: E402
 from data_prep.simulate import simulate_cohort  # noqa: E402

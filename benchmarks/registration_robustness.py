@@ -34,11 +34,14 @@ from brainage_core.grid import CENTRE_MM, axis_angle_rotation  # noqa: E402
 from brainage_core.volumes import load_volume  # noqa: E402
 from data_prep.anatomy import template_anatomy  # noqa: E402
 from data_prep.effects import rotation_matrix  # noqa: E402
-from data_prep.preprocess import (MAX_MISALIGNMENT_MM, MIN_TEMPLATE_CORRELATION, register_scan,  # noqa: E402
-                                  template_on_grid)
+from data_prep.preprocess import (  # noqa: E402
+    MAX_MISALIGNMENT_MM,
+    MIN_TEMPLATE_CORRELATION,
+    register_scan,
+    template_on_grid,
+)
 from data_prep.registration import use_itk_threads  # noqa: E402
-from data_prep.simulate import (RAW_FIELD_OF_VIEW_MM, CohortConfig, HeadPose, render_raw,  # noqa: E402
-                                simulate_subjects)
+from data_prep.simulate import RAW_FIELD_OF_VIEW_MM, CohortConfig, HeadPose, render_raw, simulate_subjects  # noqa: E402
 
 QC_GRID_MM = 4.0
 NECK_FIELD_OF_VIEW_MM = (240.0, 256.0, 180.0)  # P, S, R

@@ -45,12 +45,12 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-REPO = Path(__file__).resolve().parents[1]
 from brainage_core.datalist import read_datalist, write_datalist
 from brainage_core.options import as_bool
 from custom_components.slice_cnn.baselines import ad_baseline, age_baselines, region_mean_auc
 from workflows.demo import bundle_run, children_cpu_seconds
 
+REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundles" / "slice_cnn_brainage" / "configs"
 TRAIN, EVALUATE = CONFIGS / "train.json", CONFIGS / "evaluate.json"
 TRAIN_AD, EVALUATE_AD = CONFIGS / "train_ad.json", CONFIGS / "evaluate_ad.json"

@@ -1,8 +1,8 @@
 """The canonical grid: the one place that defines where preprocessed and simulated volumes live.
 
 A 192 mm cube in MNI152 2009 space, centred on the template brain's bounding box (x -72..72,
-y -107..73, z -72..82 mm), RAS+ voxel axes. The resolution sets the shape: 2 mm -> 96^3 (default),
-4 mm -> 48^3, 1 mm -> 192^3.
+y -107..73, z -72..82 mm), RAS+ voxel axes. The resolution sets the shape: 4 mm -> 48^3 (``DEFAULT_RESOLUTION_MM``: the
+bundles' ``image_size`` and the simulator's default), 2 mm -> 96^3, 1 mm -> 192^3.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from scipy import ndimage as ndi
 
 FIELD_OF_VIEW_MM = 192.0
 CENTRE_MM = (0.0, -17.0, 5.0)
-DEFAULT_RESOLUTION_MM = 2.0
+DEFAULT_RESOLUTION_MM = 4.0  # the grid of every bundle config (image_size [48, 48, 48])
 FWHM_TO_SIGMA = 1.0 / np.sqrt(8.0 * np.log(2.0))
 
 

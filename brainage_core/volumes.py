@@ -11,7 +11,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-
 NORMALISATION_PERCENTILE = 99.0
 
 

@@ -18,7 +18,6 @@ from scipy import ndimage as ndi
 from brainage_core.grid import Grid, canonical_grid, resample_to_grid
 
 
-
 @dataclass(frozen=True)
 class Ellipsoid:
     """An axis-aligned ellipsoid in MNI mm."""

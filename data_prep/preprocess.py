@@ -58,8 +58,18 @@ from brainage_core.grid import Grid, canonical_grid, resample_to_grid
 from brainage_core.volumes import InputError, atomic_path, load_volume, normalise_intensity, save_nifti
 
 from .qc import normalised_correlation, save_qc_picture
-from .registration import (RETRY_TURNS_DEG, START_OFFSETS_MM, Registration, RegistrationError, correct_bias,
-                           mask_points_mm, register_to_template, rigid_misalignment_mm, use_itk_threads, voxel_sizes)
+from .registration import (
+    RETRY_TURNS_DEG,
+    START_OFFSETS_MM,
+    Registration,
+    RegistrationError,
+    correct_bias,
+    mask_points_mm,
+    register_to_template,
+    rigid_misalignment_mm,
+    use_itk_threads,
+    voxel_sizes,
+)
 
 BRAIN_MARGIN_MM = 2.0
 # Correlation with the template inside its brain mask, measured on the two IXI sample heads: 0.55-0.69

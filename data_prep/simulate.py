@@ -1,6 +1,6 @@
 """A simulated brain-ageing cohort on the MNI152 2009 anatomy, with known ground truth.
 
-``python -m data_prep simulate-cohort --n 400 --out DIR --resolution 2 --seed 0 [--ad-fraction 0.3]``
+``python -m data_prep simulate-cohort --n 400 --out DIR --resolution 4 --seed 0 [--ad-fraction 0.3]``
 
 Each subject starts from the template tissue maps (``anatomy.py``), gets the ageing and AD effects and
 the nuisance of ``effects.py``, and is written as it is made (memory does not grow with ``n``) as a
@@ -38,13 +38,31 @@ from scipy import ndimage as ndi
 from tqdm import tqdm
 
 from brainage_core.checks import check_output_dir
-from brainage_core.grid import CENTRE_MM, Grid
+from brainage_core.grid import CENTRE_MM, DEFAULT_RESOLUTION_MM, Grid
 from brainage_core.volumes import InputError, atomic_path, normalise_intensity, save_nifti
 
 from .anatomy import Anatomy, template_anatomy
-from .effects import (AD_SEVERITY_RANGE, DISPLACEMENT_SD_MM, SITE_EFFECT_LOG_SD, Lattice, Site, SubjectFields, SubjectParams,
-                      coarse_lattice, draw_fields, draw_site, draw_subject, lesion_load, rician, template_points,
-                      tissue_image, undo_pose, upsample, ventricle_expansion, world_to_voxel)
+from .effects import (
+    AD_SEVERITY_RANGE,
+    DISPLACEMENT_SD_MM,
+    SITE_EFFECT_LOG_SD,
+    Lattice,
+    Site,
+    SubjectFields,
+    SubjectParams,
+    coarse_lattice,
+    draw_fields,
+    draw_site,
+    draw_subject,
+    lesion_load,
+    rician,
+    template_points,
+    tissue_image,
+    undo_pose,
+    upsample,
+    ventricle_expansion,
+    world_to_voxel,
+)
 from .ingest import ingest_bids
 
 SUBJECT_STREAM, SITE_STREAM, RAW_STREAM, PICTURE_STREAM = 0, 1, 2, 3
@@ -69,7 +87,7 @@ class CohortConfig:
     """What defines a cohort; ``check`` raises InputError on values that cannot make one."""
 
     n: int = 400
-    resolution: float = 2.0
+    resolution: float = DEFAULT_RESOLUTION_MM
     seed: int = 0
     ad_fraction: float = 0.0
     age_min: float = 20.0
@@ -131,7 +149,7 @@ class Subject:
 # ---------------------------------------------------------------------------------------------- command
 
 
-def simulate_cohort(n: int = 400, out: str = "runs/cohort", resolution: float = 2.0, seed: int = 0,
+def simulate_cohort(n: int = 400, out: str = "runs/cohort", resolution: float = DEFAULT_RESOLUTION_MM, seed: int = 0,
                     ad_fraction: float = 0.0, age_min: float = 20.0, age_max: float = 90.0,
                     age_distribution: str = "uniform", n_sites: int = 3, lesions: bool = True,
                     site_effect_sd: float = SITE_EFFECT_LOG_SD, ventricle_scale: float = 1.0,
@@ -142,7 +160,7 @@ def simulate_cohort(n: int = 400, out: str = "runs/cohort", resolution: float = 
     Args:
         n: number of subjects (at least 3, one per split).
         out: folder to write (created; an earlier simulated cohort there is replaced).
-        resolution: canonical grid resolution in mm (2 -> 96^3, 4 -> 48^3).
+        resolution: canonical grid resolution in mm (4 -> 48^3, the bundles' grid; 2 -> 96^3).
         seed: seed of every random choice (and of the datalist split).
         ad_fraction: share of subjects with Alzheimer's disease (aged AD_MIN_AGE or older).
         age_min: youngest age in years.

@@ -1,7 +1,7 @@
 """pyproject.toml and environment.yml pin the same packages at the same versions."""
 import re
-import tomllib
 
+import tomllib
 import yaml
 
 

@@ -1,4 +1,5 @@
-"""Brain-age statistics: accuracy metrics and the age-bias correction of the brain-age gap.
+"""Brain-age statistics: the training ages' mean and SD, accuracy metrics and the age-bias correction of
+the brain-age gap.
 
 Brain-age models regress towards the training mean, so the gap (predicted - chronological age) trends
 with age. The usual correction fits ``gap = slope * age + intercept`` on a validation set and subtracts
@@ -10,6 +11,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
+
+
+def age_statistics(records, key: str = "age") -> tuple[float, float]:
+    """Mean and population standard deviation (``numpy.std``, ddof=0) of ``float(record[key])`` over the
+    records: the regression head's ``init_bias`` and ``output_scale`` in both bundles' train.json."""
+    ages = [float(record[key]) for record in records]
+    if not ages:
+        raise ValueError("age_statistics needs at least one record")
+    return sum(ages) / len(ages), float(np.std(ages))
 
 
 def pearson_r(a, b) -> float:
@@ -44,7 +54,7 @@ class BiasCorrection(nn.Module):
         self.register_buffer("intercept", torch.zeros(()))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
 
-    def fit(self, predicted, age) -> "BiasCorrection":
+    def fit(self, predicted, age) -> BiasCorrection:
         """Least-squares fit of gap on age; needs at least two distinct ages."""
         predicted, age = np.asarray(predicted, float).ravel(), np.asarray(age, float).ravel()
         if age.size < 2 or np.ptp(age) == 0:

@@ -1,10 +1,9 @@
 """What the machine computes fast, for defaults that are right on every CPU.
 
-CPU autocast to bfloat16 pays only where the CPU has bfloat16 instructions (AMX or AVX-512 BF16): on
-such a CPU the slice network trains 1.8x faster in bf16, 3.6x with channels-last as well
-(``benchmarks/bench_slice_train.py``). On AVX2-only CPUs bf16 is emulated and 8-11x slower than float32
-(the same benchmark with PyTorch capped to AVX2: ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2``), so
-a cap set by the user counts as well as the CPU's flags.
+CPU autocast to bfloat16 pays only where the CPU has bfloat16 instructions (AMX or AVX-512 BF16); on
+AVX2-only CPUs bf16 is emulated and slower than float32 (``benchmarks/bench_slice_train.py``; figures: the
+Performance section of ``bundles/slice_cnn_brainage/docs/README.md``), so a cap set by the user
+(``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2``) counts as well as the CPU's flags.
 """
 from __future__ import annotations
 

@@ -67,7 +67,7 @@ class InputReference(nn.Module):
         self.register_buffer("training_scores", torch.zeros(0, dtype=torch.float64))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
 
-    def fit(self, volumes: Callable[[], Iterable[torch.Tensor]]) -> "InputReference":
+    def fit(self, volumes: Callable[[], Iterable[torch.Tensor]]) -> InputReference:
         """Fit on the training volumes; ``volumes()`` yields them (called twice: the mean image and masks
         first, then each volume's measures)."""
         total, inside, count = torch.zeros_like(self.mean_image, dtype=torch.float64), None, 0
@@ -96,7 +96,7 @@ class InputReference(nn.Module):
         return self
 
     def fit_or_load(self, records: Sequence[dict], loading: Callable[[dict], dict], path: str | os.PathLike,
-                    image_key: str = "image", max_volumes: int = 500) -> "InputReference":
+                    image_key: str = "image", max_volumes: int = 500) -> InputReference:
         """Load the reference from ``path`` when it exists (a resumed run), else fit it on ``records`` read
         through ``loading`` (the bundle's loading transforms) and write it there (rank 0, atomically). Of a
         larger training set, ``max_volumes`` evenly spaced records are read (each is read twice)."""
@@ -118,7 +118,7 @@ class InputReference(nn.Module):
                 torch.save(self.state_dict(), tmp)
         return self
 
-    def load(self, path: str | os.PathLike) -> "InputReference":
+    def load(self, path: str | os.PathLike) -> InputReference:
         """Load a reference written by training; its grid must be this one's."""
         state = torch.load(path, map_location="cpu", weights_only=True)
         shape = tuple(state.get("mean_image", torch.zeros(0)).shape)
@@ -129,7 +129,7 @@ class InputReference(nn.Module):
         self.load_state_dict(state)
         return self
 
-    def load_if_present(self, path: str | os.PathLike) -> "InputReference":
+    def load_if_present(self, path: str | os.PathLike) -> InputReference:
         """Load the reference when ``path`` exists; otherwise warn that inputs go unchecked."""
         if Path(path).is_file():
             return self.load(path)

@@ -8,8 +8,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from brainage_core.volumes import atomic_path  # noqa: E402
 
+from brainage_core.volumes import atomic_path  # noqa: E402
 
 VIEWS = ("sagittal", "coronal", "axial")
 

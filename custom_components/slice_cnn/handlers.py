@@ -16,12 +16,27 @@ from monai.handlers import from_engine
 from brainage_core.grid import FIELD_OF_VIEW_MM, canonical_grid
 from brainage_core.volumes import atomic_path, save_nifti
 from custom_components.common.brain_age import BiasCorrection, brain_age_metrics, pearson_r
-from custom_components.common.handlers import (EpochCollector, PlotInterval, checked_interval, csv_number,
-                                               gather_subject_values, subject_id, write_csv)
-from custom_components.common.plots import (map_overlay_figure, plot_gap_vs_age, plot_learning_curve,
-                                             plot_predicted_vs_true, plot_roc, plot_slice_weights, save_figure)
+from custom_components.common.handlers import (
+    EpochCollector,
+    PlotInterval,
+    checked_interval,
+    csv_number,
+    gather_subject_values,
+    subject_id,
+    write_csv,
+)
+from custom_components.common.plots import (
+    map_overlay_figure,
+    plot_gap_vs_age,
+    plot_learning_curve,
+    plot_predicted_vs_true,
+    plot_roc,
+    plot_slice_weights,
+    save_figure,
+)
 
 from .classification import detection_metrics
+
 
 class BrainAgeReport(EpochCollector):
     """Collect predictions over an evaluation epoch and report them as a brain-age researcher expects.

@@ -94,9 +94,8 @@ class TaskGuidedGANTrainer(Trainer):
         d_train_steps: critic updates per iteration.
         warmup_iterations: the first iterations train the generator on the reconstruction term alone (no
             critic update, no age term), so the adversarial and age terms start from a generator that
-            reconstructs. Measured on the 4 mm cohort (widths 8-32, batch 8): from scratch, the full loss
-            kept L1 at 0.16-0.18 for 50 steps at lr 1e-4 and diverged at 5e-4; after 60 L1-only steps
-            (lr 1e-3, L1 0.053) the full loss at lr 1e-4 held L1 at 0.053-0.055 while the age error fell.
+            reconstructs; from scratch the full loss does not learn to reconstruct (figures: the Performance
+            section of ``bundles/tgb_gan_augment/docs/README.md``).
         warmup_optimizer: the optimiser of the warm-up steps (its own learning rate and moments, so a fast
             reconstruction warm-up does not disturb the adversarial phase's Adam state); defaults to
             ``g_optimizer``.

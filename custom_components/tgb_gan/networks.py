@@ -42,9 +42,8 @@ class TGBGenerator(nn.Module):
 
     Convolutions start from Kaiming-normal weights (ReLU gain) and zero biases. With PyTorch's default
     initialisation the signal shrinks through the ReLU stack, the output starts as a near-constant image and
-    the output ReLU soon switches off everywhere: measured on the 4 mm cohort (48^3, widths 8-32, batch 4,
-    Adam lr 1e-3, L1 only), the default start collapsed to an all-zero output (L1 0.156) within 40 steps,
-    the Kaiming start reached L1 0.054 in 60 steps.
+    the output ReLU soon switches off everywhere, an all-zero output; the Kaiming start trains (figures: the
+    Performance section of ``bundles/tgb_gan_augment/docs/README.md``).
 
     ``encode`` and ``decode`` are usable on their own: synthesis interpolates latent codes between them.
     Spatial sizes must be divisible by ``2 ** len(encoder_channels)`` (96 -> 3 for the paper's five levels).

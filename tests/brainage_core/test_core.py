@@ -54,8 +54,8 @@ def test_atomic_path_leaves_nothing_on_crash(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def _write(path, data, affine=np.eye(4)):
-    nib.save(nib.Nifti1Image(data, affine), str(path))
+def _write(path, data, affine=None):
+    nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), str(path))
     return path
 
 

@@ -11,8 +11,15 @@ from scipy import ndimage as ndi
 from brainage_core.datalist import read_datalist, write_datalist
 from brainage_core.grid import canonical_grid
 from brainage_core.volumes import InputError, normalise_intensity
-from data_prep.preprocess import (MAX_MISALIGNMENT_MM, MIN_TEMPLATE_CORRELATION, preprocess_command, preprocess_datalist,
-                                  qc_failure, residual_misalignment_mm, template_on_grid)
+from data_prep.preprocess import (
+    MAX_MISALIGNMENT_MM,
+    MIN_TEMPLATE_CORRELATION,
+    preprocess_command,
+    preprocess_datalist,
+    qc_failure,
+    residual_misalignment_mm,
+    template_on_grid,
+)
 from data_prep.qc import normalised_correlation
 
 RESOLUTION = 4.0  # 48^3: the fast grid; registration itself runs on the scans' own 2 mm voxels

@@ -2,7 +2,6 @@
 from pathlib import Path
 
 import pytest
-
 from reliability_helpers import make_cohort
 
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
 from brainage_core.datalist import write_datalist
 from brainage_core.volumes import save_nifti
 

@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigWorkflow
+from reliability_helpers import AFFINE, BUNDLES, GAN_TINY, SIZE, SLICE_TINY, ball, bundle_command
 
 from brainage_core.checks import user_error_message, validate_datalist
 from brainage_core.datalist import read_datalist
 from brainage_core.volumes import InputError, save_nifti
 from custom_components.tgb_gan.networks import TGBGenerator
 from data_prep.__main__ import main as data_prep_main
-from reliability_helpers import AFFINE, BUNDLES, GAN_TINY, SIZE, SLICE_TINY, ball, bundle_command
 
 RNG = np.random.default_rng(1)
 

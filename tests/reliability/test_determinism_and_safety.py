@@ -12,12 +12,12 @@ from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
 from monai.data import load_decathlon_datalist
 from monai.handlers import from_engine
+from reliability_helpers import BUNDLES, GAN_TINY, REPO, SLICE_TINY
 
 from brainage_core.checkpoints import load_weights
 from brainage_core.checks import user_error_message
 from brainage_core.datalist import read_datalist
 from brainage_core.volumes import InputError
-from reliability_helpers import BUNDLES, GAN_TINY, REPO, SLICE_TINY
 
 LOSSES = {
     "slice_cnn_brainage": (SLICE_TINY, {"train#dataloader#batch_size": 2}, lambda out: from_engine(["loss"], first=True)(out)),

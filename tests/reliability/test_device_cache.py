@@ -8,7 +8,6 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 from monai.transforms import Randomizable, ToDeviced
-
 from reliability_helpers import BUNDLES, TINY_RUNS, make_cohort
 
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from monai.bundle import run
 from monai.data import load_decathlon_datalist
+from reliability_helpers import AFFINE, BUNDLES, TINY_RUNS
 
 from brainage_core.volumes import save_nifti
-from reliability_helpers import AFFINE, BUNDLES, TINY_RUNS
 
 
 def _bad_inputs(good: dict, folder) -> list[dict]:

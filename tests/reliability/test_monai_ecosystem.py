@@ -8,9 +8,9 @@ import pytest
 import torch
 from monai.bundle import load, run
 from monai.data import load_decathlon_datalist
+from reliability_helpers import BUNDLES, GAN_TINY, SLICE_TINY, TINY_RUNS
 
 from brainage_core.checks import user_error_message
-from reliability_helpers import BUNDLES, GAN_TINY, SLICE_TINY, TINY_RUNS
 
 # every training config: (bundle, configs, overrides, the validation key metric the run must log)
 TRAINING = {

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 from monai.bundle import ConfigWorkflow
+from reliability_helpers import BUNDLES, GAN_TINY, SLICE_TINY
 
 from brainage_core.checks import check_output_dir, user_error_message
 from brainage_core.volumes import InputError
 from data_prep.__main__ import main as data_prep_main
-from reliability_helpers import BUNDLES, GAN_TINY, SLICE_TINY
 
 Usage = namedtuple("Usage", "total used free")
 

@@ -17,6 +17,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.bundle import ConfigWorkflow
 from monai.handlers import CheckpointSaver
+from reliability_helpers import BUNDLES, GAN_TINY, SLICE_TINY, bundle_command
 
 from brainage_core.datalist import read_datalist
 from custom_components.common.resume import AtomicCheckpointSaver
@@ -24,7 +25,6 @@ from custom_components.tgb_gan import synthesis
 from custom_components.tgb_gan.networks import TGBGenerator
 from custom_components.tgb_gan.synthesis import LatentSet, synthesise
 from data_prep.preprocess import preprocess_datalist
-from reliability_helpers import BUNDLES, GAN_TINY, SLICE_TINY, bundle_command
 
 MAX_EPOCHS = 3
 ITERATIONS = 4  # per epoch: 8 training volumes in batches of 2

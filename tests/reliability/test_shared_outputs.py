@@ -9,12 +9,12 @@ import sys
 import pytest
 import torch
 from ignite.engine import Engine
+from reliability_helpers import BUNDLES, SLICE_TINY, bundle_command
 
 from brainage_core.checks import lock_output_dir
 from brainage_core.volumes import InputError
 from custom_components.common.resume import TrainingResume
 from data_prep.__main__ import main
-from reliability_helpers import BUNDLES, SLICE_TINY, bundle_command
 
 HOLDER = "import sys, time; from brainage_core.checks import lock_output_dir; lock_output_dir(sys.argv[1]); print('locked', flush=True); time.sleep(600)"
 

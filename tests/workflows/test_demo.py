@@ -13,7 +13,16 @@ import pytest
 
 from brainage_core.datalist import read_datalist
 from brainage_core.volumes import InputError
-from workflows.demo import DemoLayout, DemoSettings, Step, StepFailed, demo_steps, ixi_sample_datalist, run_demo, run_step
+from workflows.demo import (
+    DemoLayout,
+    DemoSettings,
+    Step,
+    StepFailed,
+    demo_steps,
+    ixi_sample_datalist,
+    run_demo,
+    run_step,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 TOY_RESOLUTION = 8.0  # 24^3 volumes

@@ -15,12 +15,11 @@ import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
+from test_packaging import CASES
 
 from brainage_core.volumes import save_nifti
 from custom_components.common.brain_age import BiasCorrection
 from workflows.packaging import BUNDLES_DIR, REPO, package_bundles
-
-from test_packaging import CASES
 
 pytest.importorskip("holoscan")
 pytest.importorskip("monai.deploy.core")

@@ -7,8 +7,6 @@ are dropped. Each returns ``(pooled, weights)``: ``weights`` are the attention w
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
@@ -21,12 +19,12 @@ def _check_heads(dim: int, num_heads: int) -> None:
 
 
 class MeanSlicePool(nn.Module):
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         return x.mean(dim=1), None
 
 
 class MaxSlicePool(nn.Module):
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         return torch.amax(x, dim=1), None
 
 
@@ -45,7 +43,7 @@ class AttentionSlicePool(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.out = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, num_slices, dim = x.shape
         head_dim = dim // self.num_heads
         keys = self.key(x).view(batch, num_slices, self.num_heads, head_dim)
@@ -69,7 +67,7 @@ class TransformerSlicePool(nn.Module):
         )
         self.encoder = nn.TransformerEncoder(layer, num_layers, norm=nn.LayerNorm(dim), enable_nested_tensor=False)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.encoder(x).mean(dim=1), None
 
 

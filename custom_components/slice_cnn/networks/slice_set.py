@@ -13,7 +13,6 @@ trained model (also on its TorchScript export).
 """
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import nn
@@ -35,7 +34,7 @@ class SlicePositionEmbedding(nn.Module):
         self.weight = nn.Parameter(nn.init.kaiming_normal_(torch.empty(num_slices, dim)))
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, slice_indices: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, slice_indices: torch.Tensor | None) -> torch.Tensor:
         """``x`` (B, S', F); ``slice_indices`` (S',) the kept slices, None when all S are present."""
         position = self.weight if slice_indices is None else self.weight.index_select(0, slice_indices)
         return self.norm(x + position)
@@ -70,9 +69,8 @@ class SliceSetNet(nn.Module):
         pretrained_weights: ResNets only: a local file with a torchvision-style ResNet state dict.
         sfcn_channels, sfcn_feature_dim, dropout: sfcn2d widths (default the paper's) and dropout.
         sfcn_norm: sfcn2d's normalisation: "instance" (the paper's) or "batch". Instance norm of every slice
-            removes most of what differs between subjects (on the 4 mm simulated cohort the pooled features
-            of 16 subjects differed by ~1% of their size and 125 Adam steps left the model predicting the
-            mean age); batch norm keeps it, and the same run learned within 50 steps.
+            removes most of what differs between subjects, so the model stays at the mean age; batch norm
+            keeps it (figures: the Performance section of ``bundles/slice_cnn_brainage/docs/README.md``).
         num_heads: heads of the attention and transformer aggregators.
         transformer_layers: depth of the transformer aggregator.
         head_hidden: hidden width of the prediction head.
@@ -171,7 +169,7 @@ class SliceSetNet(nn.Module):
             raise ValueError("attention weights exist only with aggregation='attention'")
         return prediction, weights
 
-    def _predict(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def _predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         self._check_input(x)
         slices = x[:, 0].movedim(self.slice_dim, 1)  # (B, S, H, W)
         slice_indices = self._kept_slice_indices(slices.shape[1], x.device)
@@ -196,7 +194,7 @@ class SliceSetNet(nn.Module):
                 "the network (and its slice position embedding) was built for"
             )
 
-    def _kept_slice_indices(self, num_slices: int, device: torch.device) -> Optional[torch.Tensor]:
+    def _kept_slice_indices(self, num_slices: int, device: torch.device) -> torch.Tensor | None:
         """Indices of the slices to use, in order; None for all of them."""
         if self.training:
             if self.slice_dropout > 0.0:

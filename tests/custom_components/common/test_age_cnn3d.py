@@ -68,7 +68,7 @@ def test_learns_an_age_dependent_blob_in_a_few_steps():
     torch.manual_seed(0)
     net = AgeCNN3d(channels=(4, 8, 16), dropout=0.0, init_bias=float(y.mean()), output_scale=float(y.std()))
     optimiser = torch.optim.Adam(net.parameters(), lr=3e-3)
-    for step in range(80):
+    for _ in range(80):
         idx = torch.randint(0, len(y), (8,))
         loss = torch.nn.functional.mse_loss(net(x[idx]).squeeze(1), y[idx])
         optimiser.zero_grad()

@@ -2,7 +2,17 @@ import numpy as np
 import pytest
 import torch
 
-from custom_components.common.brain_age import BiasCorrection, brain_age_metrics
+from custom_components.common.brain_age import BiasCorrection, age_statistics, brain_age_metrics
+
+
+def test_age_statistics_mean_and_population_sd():
+    records = [{"age": "20"}, {"age": 40.0}, {"age": 60}, {"age": 80.5, "label": 1}]
+    ages = [20.0, 40.0, 60.0, 80.5]
+    mean, sd = age_statistics(records)
+    assert mean == sum(ages) / 4 and sd == float(np.std(ages)) and sd == pytest.approx(np.sqrt(np.mean((np.array(ages) - mean) ** 2)))
+    assert age_statistics(records[3:], "label") == (1.0, 0.0)
+    with pytest.raises(ValueError, match="at least one"):
+        age_statistics([])
 
 
 def test_metrics_on_known_values():

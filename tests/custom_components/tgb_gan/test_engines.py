@@ -151,7 +151,7 @@ def test_non_finite_generator_loss_keeps_generator_and_regressor_and_saves_final
     assert not any(changed(before[1], trainer.regressor))
     (checkpoint,) = tmp_path.glob("*.pt")
     saved = torch.load(checkpoint, weights_only=True)
-    for b, (name, p) in zip(before[0], trainer.generator.named_parameters()):
+    for b, (name, _) in zip(before[0], trainer.generator.named_parameters()):
         torch.testing.assert_close(saved[name], b)
 
 

@@ -14,8 +14,15 @@ from brainage_core.datalist import read_datalist, write_datalist
 from brainage_core.grid import canonical_grid
 from brainage_core.volumes import save_nifti
 from custom_components.tgb_gan.region_maps import map_auc, write_region_maps
-from custom_components.tgb_gan.synthesis import (LatentSet, age_bins, bin_top_up_plan, encode_dataset, fit_age_direction,
-                                         synthesise, traversal_plan)
+from custom_components.tgb_gan.synthesis import (
+    LatentSet,
+    age_bins,
+    bin_top_up_plan,
+    encode_dataset,
+    fit_age_direction,
+    synthesise,
+    traversal_plan,
+)
 
 SIZE, FACTOR = 16, 4
 AFFINE = canonical_grid(12.0).affine  # a real 16^3 RAS grid
