@@ -54,7 +54,7 @@ from tqdm import tqdm
 
 from brainage_core.checks import check_output_dir, lock_output_dir, remove_partial_writes
 from brainage_core.datalist import read_datalist, write_datalist
-from brainage_core.grid import Grid, canonical_grid, resample_to_grid
+from brainage_core.grid import DEFAULT_RESOLUTION_MM, Grid, canonical_grid, resample_to_grid
 from brainage_core.volumes import InputError, atomic_path, load_volume, normalise_intensity, save_nifti
 
 from .qc import normalised_correlation, save_qc_picture
@@ -121,7 +121,7 @@ class QCError(RegistrationError):
         self.brain, self.qc = brain, qc
 
 
-def preprocess_volume(path: str | os.PathLike, resolution: float = 2.0,
+def preprocess_volume(path: str | os.PathLike, resolution: float = DEFAULT_RESOLUTION_MM,
                       on_qc_warning: str = "reject") -> tuple[np.ndarray, dict]:
     """Preprocess one raw T1 head scan onto the canonical grid at ``resolution`` mm.
 
@@ -255,7 +255,7 @@ class BatchSummary:
         return "\n".join(lines)
 
 
-def preprocess_datalist(datalist: str | os.PathLike, out_dir: str | os.PathLike, resolution: float = 2.0,
+def preprocess_datalist(datalist: str | os.PathLike, out_dir: str | os.PathLike, resolution: float = DEFAULT_RESOLUTION_MM,
                         dtype: str = "float32", workers: int = 2, on_qc_warning: str = "reject") -> BatchSummary:
     """Preprocess every scan of ``datalist`` into ``out_dir`` (layout in the module docstring).
 
@@ -288,7 +288,7 @@ def preprocess_datalist(datalist: str | os.PathLike, out_dir: str | os.PathLike,
     return summary
 
 
-def preprocess_command(datalist: str, out_dir: str, resolution: float = 2.0, dtype: str = "float32",
+def preprocess_command(datalist: str, out_dir: str, resolution: float = DEFAULT_RESOLUTION_MM, dtype: str = "float32",
                        workers: int = 2, on_qc_warning: str = "reject") -> None:
     """Preprocess raw T1 head scans listed in a datalist onto the canonical grid.
 
