@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+from ignite.engine import Events
 from monai.engines import Trainer
 from monai.engines.utils import IterationEvents, default_metric_cmp_fn
 from monai.utils import StrEnum
@@ -278,7 +279,7 @@ class TaskGuidedGANTrainer(Trainer):
             for scheduler in engine.warmup_lr_schedulers:
                 scheduler.step()
             if branch_learns and engine.state.iteration == engine.warmup_iterations:
-                engine._settle_branch()
+                engine.settle_branch_statistics()
             return engine._finish(real, fake, g_terms, age, pred_age)
 
         for _ in range(engine.d_train_steps):
@@ -314,7 +315,7 @@ class TaskGuidedGANTrainer(Trainer):
         return predicted[: real.shape[0]].detach()
 
     @torch.no_grad()
-    def _settle_branch(self) -> None:
+    def settle_branch_statistics(self) -> None:
         """Recompute the branch's batch-norm statistics with its final warm-up weights over the training
         loader (real volumes and their reconstructions), so the fixed branch of the adversarial phase
         normalises as it was trained, not with running averages of moving weights."""
@@ -349,3 +350,25 @@ class TaskGuidedGANTrainer(Trainer):
         self.state.output = [output]
         self.fire_event(IterationEvents.MODEL_COMPLETED)
         return self.state.output
+
+
+class WarmupBranchStatistics:
+    """Ignite handler for :class:`TaskGuidedGANTrainer`: every ``interval`` epochs that end inside the warm-up,
+    while the branch learns age, recompute its batch-norm statistics with its current weights (as the trainer
+    does at the warm-up's end), so that epoch's validation of the branch does not read running averages of
+    weights that have since moved (the stale statistics that made the slice bundle's validation swing).
+
+    Attach it before the ValidationHandler (first in ``train#handlers``), with the validation interval.
+    """
+
+    def __init__(self, interval: int = 1) -> None:
+        if int(interval) < 1:
+            raise ValueError(f"interval must be >= 1, got {interval}")
+        self.interval = int(interval)
+
+    def attach(self, engine: TaskGuidedGANTrainer) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
+
+    def __call__(self, engine: TaskGuidedGANTrainer) -> None:
+        if engine.branch_optimizer is not None and engine.state.iteration < engine.warmup_iterations:
+            engine.settle_branch_statistics()

@@ -10,7 +10,7 @@ from monai.data import DataLoader, Dataset, MetaTensor
 from monai.handlers import CheckpointSaver, StatsHandler, from_engine
 
 from custom_components.common.data import PrepareImageTarget
-from custom_components.tgb_gan.engines import TaskGuidedGANTrainer, TGBGANKeys
+from custom_components.tgb_gan.engines import TaskGuidedGANTrainer, TGBGANKeys, WarmupBranchStatistics
 from custom_components.tgb_gan.losses import TaskGuidedGANLoss
 from custom_components.tgb_gan.networks import ResidualAgeRegressor, TGBGenerator, WGANCritic
 
@@ -356,3 +356,47 @@ def test_branch_learns_age_in_the_warm_up_then_stays_fixed_with_statistics_of_it
     # the recomputed statistics: the final warm-up weights over real volumes + reconstructions of every batch
     torch.testing.assert_close(first_bn.running_mean, after_warmup["expected_mean"], rtol=1e-4, atol=1e-5)
     assert int(first_bn.num_batches_tracked) == len(loader)
+
+
+@pytest.mark.parametrize("with_handler", [True, False])
+def test_warm_up_validation_sees_the_branch_with_statistics_of_its_current_weights(with_handler):
+    """WarmupBranchStatistics: at the end of an epoch inside the warm-up, the learning branch's batch-norm
+    statistics are those of its current weights over real volumes + reconstructions (what the epoch's
+    validation then uses); without it they are running averages of weights that have moved."""
+    from custom_components.common.batch_norm import batch_norm_layers
+    from custom_components.common.networks.age_cnn3d import AgeCNN3d
+
+    torch.manual_seed(0)
+    loader = make_loader(n=8, batch_size=4)  # 2 iterations per epoch; the warm-up ends in epoch 2
+    regressor = AgeCNN3d(channels=(4, 8), init_bias=30.0, output_scale=10.0, dropout=0.0)
+    branch_optimizer = torch.optim.Adam(regressor.parameters(), lr=1e-2)
+    trainer = make_trainer(loader=loader, max_epochs=1, warmup_iterations=4, train_regressor=False,
+                           branch_optimizer=branch_optimizer,
+                           train_handlers=[WarmupBranchStatistics()] if with_handler else None)
+    trainer.regressor = regressor
+    trainer.g_optimizer = torch.optim.Adam(trainer.generator.parameters(), lr=1e-3)
+    first_bn = batch_norm_layers(regressor)[0]
+    seen = {}
+
+    @trainer.on(Events.EPOCH_COMPLETED)  # attached after the handler, as a ValidationHandler would be
+    def check(engine):
+        inputs = []
+        handle = first_bn.register_forward_hook(lambda m, args, out: inputs.append(args[0].detach()))
+        regressor.eval()
+        with torch.no_grad():
+            for batch in loader:
+                real = torch.as_tensor(batch["image"])
+                regressor(torch.cat([real, engine.generator(real)]))
+        handle.remove()
+        seen["expected"] = torch.stack([x.mean(dim=(0, 2, 3, 4)) for x in inputs]).mean(0)
+        seen["running"] = first_bn.running_mean.clone()
+
+    trainer.run()
+    close = torch.allclose(seen["running"], seen["expected"], rtol=1e-4, atol=1e-5)
+    assert close == with_handler
+
+
+def test_warm_up_branch_statistics_rejects_a_bad_interval():
+    with pytest.raises(ValueError, match="interval must be >= 1"):
+        WarmupBranchStatistics(interval=0)
+
