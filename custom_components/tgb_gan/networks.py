@@ -32,13 +32,32 @@ def _check_volume(x: torch.Tensor, channels: int, owner: str) -> None:
         raise ValueError(f"{owner} expects (batch, {channels}, D, H, W) input, got shape {x.shape}")
 
 
+UPSAMPLING = ("transposed", "resize")
+
+
+def _upsample(c_in: int, c_out: int, kernel_size: int, mode: str) -> list[nn.Module]:
+    """Layers that double the spatial size and map ``c_in`` to ``c_out`` channels (see TGBGenerator)."""
+    pad = kernel_size // 2
+    if mode == "transposed":
+        return [nn.ConvTranspose3d(c_in, c_out, kernel_size, stride=2, padding=pad, output_padding=1)]
+    return [nn.Upsample(scale_factor=2, mode="trilinear", align_corners=False),
+            nn.Conv3d(c_in, c_out, kernel_size, padding=pad)]
+
+
 class TGBGenerator(nn.Module):
     """Deterministic 3D convolutional autoencoder: the TGB-GAN generator.
 
     Encoder: one ``Conv3d(stride 2) + ReLU`` block per entry of ``encoder_channels`` (each halves the size).
-    Decoder: one ``ConvTranspose3d(stride 2) + ReLU`` block per entry of ``decoder_channels`` (each doubles
-    it exactly), then a 1x1x1 convolution back to ``in_channels`` followed by a ReLU. The output ReLU is the
-    paper's choice: images are scaled to [0, 1], so reconstructions are kept non-negative.
+    Decoder: one upsampling block + ReLU per entry of ``decoder_channels`` (each doubles the size exactly),
+    then a 1x1x1 convolution back to ``in_channels`` followed by a ReLU. The output ReLU is the paper's
+    choice: images are scaled to [0, 1], so reconstructions are kept non-negative.
+
+    ``upsampling``: ``"transposed"`` is the paper's ``ConvTranspose3d(stride 2)``; ``"resize"`` doubles the
+    size by trilinear interpolation and then convolves (stride 1). A stride-2 transposed convolution whose
+    kernel size is not a multiple of 2 lets every other voxel receive a different number of kernel taps, so
+    the generator can write a period-2 (checkerboard) texture; under the adversarial and age terms it does,
+    and a real-trained age regressor reads that texture as age (the Performance section of the bundle's
+    docs). Resize-convolution cannot produce it structurally (Odena et al., Distill 2016).
 
     Convolutions start from Kaiming-normal weights (ReLU gain) and zero biases. With PyTorch's default
     initialisation the signal shrinks through the ReLU stack, the output starts as a near-constant image and
@@ -55,8 +74,11 @@ class TGBGenerator(nn.Module):
         encoder_channels: Sequence[int] = (64, 128, 256, 512, 512),
         decoder_channels: Sequence[int] = (256, 256, 128, 64, 32),
         kernel_size: int = 3,
+        upsampling: str = "transposed",
     ) -> None:
         super().__init__()
+        if upsampling not in UPSAMPLING:
+            raise ValueError(f"upsampling must be one of {UPSAMPLING}, got {upsampling!r}")
         encoder_channels = _check_channels("encoder_channels", encoder_channels)
         decoder_channels = _check_channels("decoder_channels", decoder_channels)
         if len(encoder_channels) != len(decoder_channels):
@@ -76,8 +98,7 @@ class TGBGenerator(nn.Module):
 
         decoder: list[nn.Module] = []
         for c_in, c_out in zip((encoder_channels[-1], *decoder_channels[:-1]), decoder_channels):
-            up = nn.ConvTranspose3d(c_in, c_out, kernel_size, stride=2, padding=pad, output_padding=1)
-            decoder.append(nn.Sequential(up, nn.ReLU()))
+            decoder.append(nn.Sequential(*_upsample(c_in, c_out, kernel_size, upsampling), nn.ReLU()))
         self.decoder = nn.Sequential(*decoder)
         self.head = nn.Sequential(nn.Conv3d(decoder_channels[-1], in_channels, kernel_size=1), nn.ReLU())
         for module in self.modules():
