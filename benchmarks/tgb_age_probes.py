@@ -6,7 +6,9 @@
 - the generator's reconstructions G(x) of the same volumes (``inference.json`` with the GAN's bundle root
   writes them to ``eval/reconstructions``): age retention, MAE on G(x) / MAE on x;
 - the synthetic volumes of ``generate.json`` (``eval/synthetic/datalist.json``) against their assigned ages:
-  realism, MAE on them / MAE on x.
+  realism, MAE on them / MAE on x;
+- where a shift sits: hybrids that take G(x)'s coarse content (Gaussian sigma 1 voxel) and x's fine detail,
+  and the reverse; and the power of G(x) - x at the period-2 (checkerboard) frequencies relative to x's.
 
     python benchmarks/tgb_age_probes.py --judge RUN/models/model.pt --datalist real100.json --gan_root GAN_RUN
 """
@@ -45,6 +47,12 @@ def scores(network: AgeCNN3d, volumes: list[np.ndarray], ages: np.ndarray) -> di
     return brain_age_metrics(predicted, ages)
 
 
+def period_two_power(volume: np.ndarray) -> float:
+    """Power of a volume's period-2 components along any axis (the Nyquist planes of its spectrum)."""
+    power = np.abs(np.fft.fftn(volume)) ** 2
+    return float(sum(np.take(power, n // 2, axis=axis).sum() for axis, n in enumerate(volume.shape)))
+
+
 def line(name: str, metrics: dict, reference: dict | None = None) -> str:
     ratio = f"  ({metrics['mae'] / reference['mae']:.2f}x x)" if reference else ""
     return (f"{name:34s} n {metrics['n']:3d}  MAE {metrics['mae']:6.2f}  mean gap {metrics['mean_gap']:+6.2f}  "
@@ -75,6 +83,12 @@ def main() -> None:
     names = [Path(r["image"]).name.split(".nii")[0] for r in test]
     reconstructed = [unit_range(nib.load(root / "reconstructions" / f"{n}_recon.nii.gz").get_fdata()) for n in names]
     print(line("G(x): retention", scores(network, reconstructed, ages), reference))
+    print(line("coarse G(x) + fine x", scores(network, [gaussian_filter(g, 1.0) + v - gaussian_filter(v, 1.0)
+                                                       for v, g in zip(real, reconstructed)], ages), reference))
+    print(line("coarse x + fine G(x)", scores(network, [gaussian_filter(v, 1.0) + g - gaussian_filter(g, 1.0)
+                                                       for v, g in zip(real, reconstructed)], ages), reference))
+    ratio = sum(period_two_power(g - v) for v, g in zip(real, reconstructed)) / sum(map(period_two_power, real))
+    print(f"period-2 power of G(x) - x / of x: {ratio:.2f}")
     synthetic = [r for r in json.loads((root / "synthetic" / "datalist.json").read_text())["training"] if r["synthetic"]]
     volumes = [unit_range(nib.load(root / "synthetic" / r["image"]).get_fdata()) for r in synthetic]
     print(line("synthetic vs assigned ages: realism", scores(network, volumes, np.array([r["age"] for r in synthetic])),
