@@ -32,7 +32,7 @@ def _check_volume(x: torch.Tensor, channels: int, owner: str) -> None:
         raise ValueError(f"{owner} expects (batch, {channels}, D, H, W) input, got shape {x.shape}")
 
 
-UPSAMPLING = ("transposed", "resize")
+UPSAMPLING = ("transposed", "nearest", "trilinear")
 
 
 def _upsample(c_in: int, c_out: int, kernel_size: int, mode: str) -> list[nn.Module]:
@@ -40,8 +40,7 @@ def _upsample(c_in: int, c_out: int, kernel_size: int, mode: str) -> list[nn.Mod
     pad = kernel_size // 2
     if mode == "transposed":
         return [nn.ConvTranspose3d(c_in, c_out, kernel_size, stride=2, padding=pad, output_padding=1)]
-    return [nn.Upsample(scale_factor=2, mode="trilinear", align_corners=False),
-            nn.Conv3d(c_in, c_out, kernel_size, padding=pad)]
+    return [nn.Upsample(scale_factor=2, mode=mode), nn.Conv3d(c_in, c_out, kernel_size, padding=pad)]
 
 
 class TGBGenerator(nn.Module):
@@ -52,8 +51,8 @@ class TGBGenerator(nn.Module):
     then a 1x1x1 convolution back to ``in_channels`` followed by a ReLU. The output ReLU is the paper's
     choice: images are scaled to [0, 1], so reconstructions are kept non-negative.
 
-    ``upsampling``: ``"transposed"`` is the paper's ``ConvTranspose3d(stride 2)``; ``"resize"`` doubles the
-    size by trilinear interpolation and then convolves (stride 1). A stride-2 transposed convolution whose
+    ``upsampling``: ``"transposed"`` is the paper's ``ConvTranspose3d(stride 2)``; ``"nearest"`` and
+    ``"trilinear"`` double the size by that interpolation and then convolve (stride 1), resize-convolution. A stride-2 transposed convolution whose
     kernel size is not a multiple of 2 lets every other voxel receive a different number of kernel taps, so
     the generator can write a period-2 (checkerboard) texture; under the adversarial and age terms it does,
     and a real-trained age regressor reads that texture as age (the Performance section of the bundle's

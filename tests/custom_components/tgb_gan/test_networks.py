@@ -63,10 +63,11 @@ def period_two_energy(volume: torch.Tensor) -> float:
     return float(spectrum[mask].sum() / spectrum.sum())
 
 
-@pytest.mark.parametrize("upsampling, low, high", [("transposed", 0.3, 1.0), ("resize", 0.0, 0.05)])
+@pytest.mark.parametrize("upsampling, low, high",
+                         [("transposed", 0.3, 1.0), ("nearest", 0.0, 0.05), ("trilinear", 0.0, 0.05)])
 def test_generator_upsampling_and_checkerboard(upsampling, low, high):
     """A smooth latent (a ramp per channel) decodes to a checkerboard through a stride-2 transposed
-    convolution with a 3-wide kernel, and to a smooth image through resize-convolution."""
+    convolution with a 3-wide kernel, and to a smooth image through resize-convolution (either interpolation)."""
     torch.manual_seed(0)
     gen = TGBGenerator(encoder_channels=(4, 8), decoder_channels=(8, 4), upsampling=upsampling)
     ramp = torch.linspace(0, 1, 6).view(1, 1, 6, 1, 1)
