@@ -25,7 +25,7 @@ from common import PeakRSS, interleaved_medians, seconds  # noqa: E402
 from custom_components.common.hardware import cpu_has_fast_bf16  # noqa: E402
 from custom_components.common.networks.age_cnn3d import AgeCNN3d  # noqa: E402
 from custom_components.tgb_gan.losses import TaskGuidedGANLoss  # noqa: E402
-from custom_components.tgb_gan.networks import ResidualAgeRegressor, TGBGenerator, WGANCritic  # noqa: E402
+from custom_components.tgb_gan.networks import UPSAMPLING, ResidualAgeRegressor, TGBGenerator, WGANCritic  # noqa: E402
 
 # the paper's three networks; the bundle's defaults (bundles/tgb_gan_augment/configs/train.json) with the
 # default branch, AgeCNN3d
@@ -56,9 +56,9 @@ class Runner:
     """One variant's three networks and two optimisers, started from the same weights."""
 
     def __init__(self, variant: Variant, widths: dict, size: int, state: dict | None,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu", upsampling: str = "transposed") -> None:
         self.variant, self.device = variant, torch.device(device)
-        self.generator = TGBGenerator(1, widths["encoder"], widths["decoder"])
+        self.generator = TGBGenerator(1, widths["encoder"], widths["decoder"], upsampling=upsampling)
         self.critic = WGANCritic(1, widths["critic"])
         self.branch = (AgeCNN3d(1, widths["branch"], init_bias=50.0, output_scale=18.0) if widths["hidden"] is None
                        else ResidualAgeRegressor(1, widths["branch"], widths["hidden"], 0.1, (size,) * 3, 50.0, 18.0))
@@ -106,6 +106,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--demo-widths", action="store_true", help="the bundle's small model, not the paper's")
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--upsampling", choices=UPSAMPLING, default="transposed",
+                        help="the generator's decoder (the paper's transposed convolutions, or the bundle's nearest)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -113,12 +115,13 @@ def main() -> None:
     real = torch.rand(args.batch, 1, args.size, args.size, args.size)
     age = 20 + 60 * torch.rand(args.batch, 1)
     names = [BASELINE] + [name for name in args.variants if name != BASELINE]
-    runners = {BASELINE: Runner(VARIANTS[BASELINE], widths, args.size, None)}
+    runners = {BASELINE: Runner(VARIANTS[BASELINE], widths, args.size, None, upsampling=args.upsampling)}
     start = runners[BASELINE].state()
-    runners.update({name: Runner(VARIANTS[name], widths, args.size, start) for name in names[1:]})
+    runners.update({name: Runner(VARIANTS[name], widths, args.size, start, upsampling=args.upsampling)
+                    for name in names[1:]})
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}, bf16 units: {cpu_has_fast_bf16()}; {'demo' if args.demo_widths else 'paper'} widths, "
-          f"batch {args.batch}, {args.size}^3, median of {args.repeats} interleaved repeats", flush=True)
+          f"{args.upsampling} upsampling, batch {args.batch}, {args.size}^3, median of {args.repeats} interleaved repeats", flush=True)
     first = {name: seconds(lambda r=runner: r.train_step(real, age)) for name, runner in runners.items()}
     for name, value in first.items():
         print(f"  {name}: first step {value:.1f} s (warm-up, compilation)", flush=True)

@@ -51,6 +51,7 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 REFERENCE_SHAPE = (91, 109, 91)  # the reference implementation's input (2 mm MNI crop)
 SLICE_CHANNELS_LAST = {"channels_last": True}  # train.json's network_def
 GAN_WIDTHS = bench_gan_train.DEMO  # the bundle's train.json networks
+GAN_UPSAMPLING = json.loads((REPO / "bundles/tgb_gan_augment/configs/train.json").read_text())["network_def"]["upsampling"]
 
 
 def synchronize(device: torch.device) -> None:
@@ -93,7 +94,8 @@ def model_only(args, device: torch.device) -> dict:
                 y = 20 + 60 * torch.rand(args.batch, 1, device=device)
             else:
                 widths = {**GAN_WIDTHS, **({key: tuple(v[:2]) for key, v in GAN_WIDTHS.items() if v} if args.toy else {})}
-                runner = bench_gan_train.Runner(bench_gan_train.Variant(autocast=dtype), widths, args.size, None, device)
+                runner = bench_gan_train.Runner(bench_gan_train.Variant(autocast=dtype), widths, args.size, None, device,
+                                                GAN_UPSAMPLING)
                 x = torch.rand(args.gan_batch, 1, *model_shape, device=device)
                 y = 20 + 60 * torch.rand(args.gan_batch, 1, device=device)
             batch = x.shape[0]

@@ -165,7 +165,8 @@ def test_ckpt_export_matches_the_eager_generator(trained, tmp_path):
                 **GENERATOR)
     scripted, meta, _ = load_net_with_metadata(str(exported))
     assert meta["version"] == json.loads((CONFIGS / "metadata.json").read_text())["version"]
-    eager = TGBGenerator(encoder_channels=(4, 8), decoder_channels=(8, 4))
+    upsampling = json.loads((CONFIGS / "inference.json").read_text())["network_def"]["upsampling"]
+    eager = TGBGenerator(encoder_channels=(4, 8), decoder_channels=(8, 4), upsampling=upsampling)
     eager.load_state_dict(torch.load(root / "models" / "model.pt", weights_only=True))
     eager.eval()
     x = torch.rand(2, 1, SIZE, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
