@@ -307,7 +307,7 @@ def test_checkpoint_of_the_other_bundle_is_refused_by_name(tmp_path, cohort):
     workflow = _workflow("tgb_gan_augment", ["inference"], gan_root, cohort, output_dir=str(tmp_path / "out"))
     message = _user_error(lambda: _initialize_and_run(workflow))
     assert message.startswith(f"{gan_root / 'models' / 'model.pt'} does not fit the configured networks")
-    assert "\n  - generator: missing decoder.0.0.bias, " in message
+    assert "\n  - generator: missing decoder.0.1.bias, " in message  # nearest upsampling: (Upsample, Conv3d) per block
 
 
 def test_bundle_run_prints_one_clean_error_without_traceback(tmp_path, cohort):
