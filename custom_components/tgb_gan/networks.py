@@ -52,11 +52,12 @@ class TGBGenerator(nn.Module):
     choice: images are scaled to [0, 1], so reconstructions are kept non-negative.
 
     ``upsampling``: ``"transposed"`` is the paper's ``ConvTranspose3d(stride 2)``; ``"nearest"`` and
-    ``"trilinear"`` double the size by that interpolation and then convolve (stride 1), resize-convolution. A stride-2 transposed convolution whose
-    kernel size is not a multiple of 2 lets every other voxel receive a different number of kernel taps, so
-    the generator can write a period-2 (checkerboard) texture; under the adversarial and age terms it does,
-    and a real-trained age regressor reads that texture as age (the Performance section of the bundle's
-    docs). Resize-convolution cannot produce it structurally (Odena et al., Distill 2016).
+    ``"trilinear"`` double the size by that interpolation and then convolve (stride 1): resize-convolution.
+    A stride-2 transposed convolution whose kernel size is not a multiple of 2 gives alternate voxels
+    different numbers of kernel taps, so the generator can write a period-2 (checkerboard) texture; under
+    the adversarial and age terms it does, and a real-trained age regressor reads that texture as age (the
+    Performance section of the bundle's docs). Resize-convolution cannot write it (Odena et al., Distill
+    2016).
 
     Convolutions start from Kaiming-normal weights (ReLU gain) and zero biases. With PyTorch's default
     initialisation the signal shrinks through the ReLU stack, the output starts as a near-constant image and
