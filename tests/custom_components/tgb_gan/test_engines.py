@@ -310,6 +310,20 @@ def test_fixed_branch_trains_the_generator_through_it_and_stays_as_it_was(train_
     assert "age_mse" in trainer.state.output[0][TGBGANKeys.LOSSES]
 
 
+def mean_layer_input(regressor, layer, generator, loader) -> torch.Tensor:
+    """Per-channel mean of ``layer``'s input, averaged over batches, when the regressor (in eval mode) reads
+    every batch's real volumes and their reconstructions: what recomputed batch-norm statistics should hold."""
+    inputs = []
+    handle = layer.register_forward_hook(lambda m, args, out: inputs.append(args[0].detach()))
+    regressor.eval()
+    with torch.no_grad():
+        for batch in loader:
+            real = torch.as_tensor(batch["image"])
+            regressor(torch.cat([real, generator(real)]))
+    handle.remove()
+    return torch.stack([x.mean(dim=(0, 2, 3, 4)) for x in inputs]).mean(0)
+
+
 def test_branch_learns_age_in_the_warm_up_then_stays_fixed_with_statistics_of_its_final_weights():
     """The default recipe: during the L1 warm-up the branch learns age on real volumes and their
     reconstructions; at the warm-up's end its batch-norm statistics are recomputed with those weights over
@@ -338,14 +352,7 @@ def test_branch_learns_age_in_the_warm_up_then_stays_fixed_with_statistics_of_it
         if engine.state.iteration == 2:  # the warm-up's end: the statistics were just recomputed
             after_warmup["params"] = snapshot(regressor)[0]
             after_warmup["buffers"] = [b.clone() for b in regressor.buffers()]
-            inputs = []
-            handle = first_bn.register_forward_hook(lambda m, args, out: inputs.append(args[0].detach()))
-            with torch.no_grad():
-                for batch in loader:
-                    real = torch.as_tensor(batch["image"])
-                    regressor(torch.cat([real, engine.generator(real)]))
-            handle.remove()
-            after_warmup["expected_mean"] = torch.stack([x.mean(dim=(0, 2, 3, 4)) for x in inputs]).mean(0)
+            after_warmup["expected_mean"] = mean_layer_input(regressor, first_bn, engine.generator, loader)
 
     trainer.run()
     assert any(changed(start, regressor))  # it learned in the warm-up
@@ -380,15 +387,7 @@ def test_warm_up_validation_sees_the_branch_with_statistics_of_its_current_weigh
 
     @trainer.on(Events.EPOCH_COMPLETED)  # attached after the handler, as a ValidationHandler would be
     def check(engine):
-        inputs = []
-        handle = first_bn.register_forward_hook(lambda m, args, out: inputs.append(args[0].detach()))
-        regressor.eval()
-        with torch.no_grad():
-            for batch in loader:
-                real = torch.as_tensor(batch["image"])
-                regressor(torch.cat([real, engine.generator(real)]))
-        handle.remove()
-        seen["expected"] = torch.stack([x.mean(dim=(0, 2, 3, 4)) for x in inputs]).mean(0)
+        seen["expected"] = mean_layer_input(regressor, first_bn, engine.generator, loader)
         seen["running"] = first_bn.running_mean.clone()
 
     trainer.run()
