@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import nibabel as nib
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from scipy.ndimage import gaussian_filter
 
+from brainage_core.datalist import read_datalist
 from custom_components.common.brain_age import brain_age_metrics
 from custom_components.common.networks.age_cnn3d import AgeCNN3d
 
@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--gan_root", help="bundle root of a TGB-GAN run with eval/reconstructions and eval/synthetic")
     args = parser.parse_args()
     network = judge(args.judge, [int(c) for c in args.channels.split(",")])
-    test = json.loads(Path(args.datalist).read_text())["test"]
+    test = read_datalist(args.datalist)["test"]
     ages = np.array([float(r["age"]) for r in test])
     real = [unit_range(nib.load(r["image"]).get_fdata()) for r in test]
     reference = scores(network, real, ages)
@@ -89,8 +89,8 @@ def main() -> None:
                                                        for v, g in zip(real, reconstructed)], ages), reference))
     ratio = sum(period_two_power(g - v) for v, g in zip(real, reconstructed)) / sum(map(period_two_power, real))
     print(f"period-2 power of G(x) - x / of x: {ratio:.2f}")
-    synthetic = [r for r in json.loads((root / "synthetic" / "datalist.json").read_text())["training"] if r["synthetic"]]
-    volumes = [unit_range(nib.load(root / "synthetic" / r["image"]).get_fdata()) for r in synthetic]
+    synthetic = [r for r in read_datalist(root / "synthetic" / "datalist.json")["training"] if r["synthetic"]]
+    volumes = [unit_range(nib.load(r["image"]).get_fdata()) for r in synthetic]
     print(line("synthetic vs assigned ages: realism", scores(network, volumes, np.array([r["age"] for r in synthetic])),
                reference))
 

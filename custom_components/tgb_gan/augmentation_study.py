@@ -37,6 +37,18 @@ def _test_errors(predictions_csv: Path) -> dict[str, float]:
         return {row["subject"]: abs(float(row["predicted_age"]) - float(row["age"])) for row in csv.DictReader(handle)}
 
 
+def write_training_subset(datalist_file: str | os.PathLike, n_train_real: int, seed: int,
+                          path: str | os.PathLike) -> Path:
+    """Write a datalist whose training split is ``n_train_real`` subjects drawn (seeded) from
+    ``datalist_file``'s; the validation and test splits are kept whole."""
+    splits = read_datalist(datalist_file)
+    training = splits["training"]
+    if not 2 <= n_train_real <= len(training):
+        raise ValueError(f"n_train_real must be in [2, {len(training)}] for {datalist_file}, got {n_train_real}")
+    keep = np.sort(np.random.default_rng(seed).choice(len(training), size=n_train_real, replace=False))
+    return write_datalist(path, {**splits, "training": [training[i] for i in keep]}, source_datalist=str(datalist_file))
+
+
 class AugmentationStudy:
     """Real vs real + TGB-GAN synthetic vs real + GAN-without-branch synthetic, over seeds and models.
 
@@ -51,6 +63,7 @@ class AugmentationStudy:
         synthesis_overrides: further overrides for every synthesis run (target per bin, max synthetic count).
         downstream_models: name -> ``{"config_files": [...], "overrides": {...}}``: config files layered
             over the slice bundle's train.json (e.g. one that swaps ``network_def``) and overrides.
+        models: which of ``downstream_models`` the study trains, in this order (None: all of them).
         downstream_overrides: overrides for every downstream run (epochs, learning rate).
         seeds: downstream seeds, the same for every condition (the GANs use ``gan_seed``).
         n_train_real: size of the small real training set, drawn from the datalist's training split with
@@ -70,9 +83,15 @@ class AugmentationStudy:
                  generator_overrides: Mapping, synthesis_overrides: Mapping, downstream_models: Mapping[str, Mapping],
                  downstream_overrides: Mapping, seeds: Sequence[int] = (0, 1, 2), gan_seed: int = 0,
                  n_train_real: int | None = None, qc_pairs: int = 20, check_model: str = "regressor3d",
-                 pretrain_branch: bool = True) -> None:
+                 pretrain_branch: bool = True, models: Sequence[str] | None = None) -> None:
         if len(seeds) < 2:
             raise ValueError(f"a comparison over seeds needs at least 2 seeds, got {list(seeds)}")
+        if models is not None:
+            unknown = [name for name in models if name not in downstream_models]
+            if unknown or not models:
+                raise ValueError(f"models must name some of the downstream models {list(downstream_models)}, "
+                                 f"got {list(models)}")
+            downstream_models = {name: downstream_models[name] for name in models}
         self.dataset_dir = os.path.abspath(dataset_dir)
         self.output_dir = Path(output_dir).resolve()
         self.datalist_file = str(self._real_datalist(Path(datalist_file), n_train_real, int(gan_seed)))
@@ -99,14 +118,9 @@ class AugmentationStudy:
     def _real_datalist(self, datalist_file: Path, n_train_real: int | None, seed: int) -> Path:
         if n_train_real is None:
             return datalist_file.resolve()
-        splits = read_datalist(datalist_file)
-        training = splits["training"]
-        if not 2 <= n_train_real <= len(training):
-            raise ValueError(f"n_train_real must be in [2, {len(training)}] for {datalist_file}, got {n_train_real}")
-        keep = np.sort(np.random.default_rng(seed).choice(len(training), size=n_train_real, replace=False))
         path = self.output_dir / f"real_datalist_{n_train_real}.json"
         if not path.exists():  # a resumed study keeps the subset it started with
-            write_datalist(path, {**splits, "training": [training[i] for i in keep]}, source_datalist=str(datalist_file))
+            write_training_subset(datalist_file, n_train_real, seed, path)
         return path
 
     # -- runs ---------------------------------------------------------------------------------------
