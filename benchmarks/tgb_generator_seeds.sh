@@ -13,10 +13,14 @@
 #      the augmentation study draws with seed 0, with the cohort's whole validation and test splits;
 #   2. the judge: a 3D regressor trained on the GANs' 100 real subjects with half its volumes smoothed
 #      (slice bundle train.json + tgb downstream_regressor3d.json, seed 2, augment_blur_prob 0.5);
-#   3. per seed: the GAN (train.json), its reconstructions of the test split
+#   3. the branch regressor: the judge's recipe with seed 0 (OUT/branch_regressor), for variants whose fixed
+#      task branch starts from a real-trained regressor other than the judge:
+#        benchmarks/tgb_generator_seeds.sh runs/tgbseeds 0 1 2 -- branch_init \
+#            --branch_init_weights runs/tgbseeds/branch_regressor/models/model.pt
+#   4. per seed: the GAN (train.json), its reconstructions of the test split
 #      (inference.json) and its synthetic volumes (generate.json, 4 per 5-year bin, at most 100), then
 #      tgb_age_probes.py, whose report goes to the GAN's folder as probes.txt.
-# Training logs go to OUT/*.log. About 5 min for the judge and 30 min per GAN on a 2-core CPU
+# Training logs go to OUT/*.log. About 5 min per regressor and 30 min per GAN on a 2-core CPU
 # (run nothing else beside it).
 set -euo pipefail
 USAGE="usage: $0 OUT SEED [SEED ...] [-- VARIANT OVERRIDE ...]"
@@ -45,10 +49,14 @@ mkdir -p "$OUT"
 from custom_components.tgb_gan.augmentation_study import write_training_subset
 write_training_subset(sys.argv[1], 100, 0, sys.argv[2])" "$COHORT/datalist.json" "$DATALIST"
 
+real_regressor() {  # ROOT SEED: the 3D regressor trained on the 100 real subjects, half its volumes smoothed
+    [ -f "$1/models/checkpoint_last.pt" ] || python -m monai.bundle run \
+        --config_file "['$SLICE/train.json','$TGB/downstream_regressor3d.json']" --bundle_root "$1" \
+        --dataset_dir "$COHORT" --datalist_file "$DATALIST" --seed "$2" --augment_blur_prob 0.5 > "$1.log" 2>&1
+}
 JUDGE=$OUT/judge
-[ -f "$JUDGE/models/checkpoint_last.pt" ] || python -m monai.bundle run \
-    --config_file "['$SLICE/train.json','$TGB/downstream_regressor3d.json']" --bundle_root "$JUDGE" \
-    --dataset_dir "$COHORT" --datalist_file "$DATALIST" --seed 2 --augment_blur_prob 0.5 > "$JUDGE.log" 2>&1
+real_regressor "$JUDGE" 2
+real_regressor "$OUT/branch_regressor" 0
 
 for SEED in "${SEEDS[@]}"; do
     R=$OUT/${PREFIX}s$SEED
