@@ -25,6 +25,7 @@ from scipy.ndimage import gaussian_filter
 from brainage_core.datalist import read_datalist
 from custom_components.common.brain_age import brain_age_metrics
 from custom_components.common.networks.age_cnn3d import AgeCNN3d
+from custom_components.tgb_gan.augmentation_study import reconstruction_records
 
 BLUR_SIGMAS = (0.5, 0.75, 1.0)  # voxels
 NOISE_SD = 0.03  # of the [0, 1]-scaled volume: about the size of an autoencoder's residual here
@@ -80,8 +81,7 @@ def main() -> None:
     if args.gan_root is None:
         return
     root = Path(args.gan_root) / "eval"
-    names = [Path(r["image"]).name.split(".nii")[0] for r in test]
-    reconstructed = [unit_range(nib.load(root / "reconstructions" / f"{n}_recon.nii.gz").get_fdata()) for n in names]
+    reconstructed = [unit_range(nib.load(r["image"]).get_fdata()) for r in reconstruction_records(args.gan_root, test)]
     print(line("G(x): retention", scores(network, reconstructed, ages), reference))
     print(line("coarse G(x) + fine x", scores(network, [gaussian_filter(g, 1.0) + v - gaussian_filter(v, 1.0)
                                                        for v, g in zip(real, reconstructed)], ages), reference))

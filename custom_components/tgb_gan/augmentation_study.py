@@ -49,6 +49,13 @@ def write_training_subset(datalist_file: str | os.PathLike, n_train_real: int, s
     return write_datalist(path, {**splits, "training": [training[i] for i in keep]}, source_datalist=str(datalist_file))
 
 
+def reconstruction_records(gan_root: str | os.PathLike, records: Sequence[dict]) -> list[dict]:
+    """``records`` with each image replaced by the GAN's reconstruction of it, where ``inference.json`` with
+    that bundle root writes it (``eval/reconstructions/<name>_recon.nii.gz``)."""
+    folder = Path(gan_root) / "eval" / "reconstructions"
+    return [{**r, "image": str(folder / (Path(r["image"]).name.split(".nii")[0] + "_recon.nii.gz"))} for r in records]
+
+
 class AugmentationStudy:
     """Real vs real + TGB-GAN synthetic vs real + GAN-without-branch synthetic, over seeds and models.
 
@@ -203,13 +210,11 @@ class AugmentationStudy:
     def reconstructed_test_set(self, variant: str) -> list[dict]:
         """The test split through the variant's generator, G(x_test), with the real subjects' ages."""
         root = self.gan_root(variant)
-        test = read_datalist(self.datalist_file)["test"]
-        folder = root / "eval" / "reconstructions"
-        recons = [folder / (Path(r["image"]).name.split(".nii")[0] + "_recon.nii.gz") for r in test]
-        self._run(f"reconstruct test set with {variant}", recons[-1], [self.gan_configs / "inference.json"],
+        records = reconstruction_records(root, read_datalist(self.datalist_file)["test"])
+        self._run(f"reconstruct test set with {variant}", Path(records[-1]["image"]), [self.gan_configs / "inference.json"],
                   bundle_root=str(root), dataset_dir=self.dataset_dir, datalist_file=self.datalist_file,
                   **self._final_generator(variant))
-        return [{**r, "image": str(path)} for r, path in zip(test, recons)]
+        return records
 
     def gan_checks(self, variant: str, datalist: Path, judge_errors: dict[str, float]) -> dict:
         """Does the generator keep age? Scored by a real-only 3D regressor that neither GAN saw (the second

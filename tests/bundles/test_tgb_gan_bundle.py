@@ -17,6 +17,7 @@ from monai.data import load_net_with_metadata
 from brainage_core.datalist import read_datalist, write_datalist
 from brainage_core.grid import canonical_grid
 from brainage_core.volumes import save_nifti
+from custom_components.tgb_gan.augmentation_study import reconstruction_records
 from custom_components.tgb_gan.networks import TGBGenerator
 
 pytestmark = pytest.mark.slow
@@ -151,6 +152,9 @@ def test_inference_reconstructs_and_encodes(trained, cohort, tmp_path):
     run_workflow(["inference.json"], **common)
     written = sorted(p.name for p in (tmp_path / "reconstructions").iterdir())
     assert written == [f"sub-{i}_T1w_recon.nii.gz" for i in (17, 18, 19)]
+    named = reconstruction_records(root, read_datalist(cohort / "datalist.json")["test"])  # where the studies look
+    assert sorted(Path(r["image"]).name for r in named) == written
+    assert all(Path(r["image"]).parent == root / "eval" / "reconstructions" for r in named)
     run_workflow(["inference.json"], run_id="encode", **common)
     codes = torch.load(tmp_path / "latent_codes.pt", weights_only=True)
     assert codes["codes"].shape == (3, 8, 4, 4, 4)
