@@ -21,12 +21,16 @@ mkdir -p "$SJ"
     "${COMMON[@]}" --datalist_file "$OUT/real100.json" > "$SJ.log" 2>&1
 [ -f "$SJ/eval/test_predictions.csv" ] || "${EVAL[@]}" --datalist_file "$OUT/real100.json" >> "$SJ.log" 2>&1
 
-score() {  # DATALIST SPLIT OUTPUT_DIR NAME: the judge's MAE, mean gap and ratio to its MAE on x_test
-    [ -f "$3/$2_metrics.json" ] || "${EVAL[@]}" --datalist_file "$1" --eval_split "$2" --output_dir "$3" >> "$SJ.log" 2>&1
+report() {  # METRICS_JSON NAME [REFERENCE_JSON]: one line; with a reference, the ratio of the two MAEs
     python -c "import json, sys
-x, m = (json.load(open(p)) for p in sys.argv[1:3])
-print(f\"{sys.argv[3]:40s} n {m['n']:3d}  MAE {m['mae']:6.2f}  mean gap {m['mean_gap']:+6.2f}  r {m['pearson_r']:.3f}  ({m['mae'] / x['mae']:.2f}x x)\")" \
-        "$SJ/eval/test_metrics.json" "$3/$2_metrics.json" "$4"
+m = json.load(open(sys.argv[1]))
+ratio = f'  ({m[\"mae\"] / json.load(open(sys.argv[3]))[\"mae\"]:.2f}x x)' if len(sys.argv) > 3 else ''
+print(f'{sys.argv[2]:40s} n {m[\"n\"]:3d}  MAE {m[\"mae\"]:6.2f}  mean gap {m[\"mean_gap\"]:+6.2f}  r {m[\"pearson_r\"]:.3f}{ratio}')" "$@"
+}
+
+score() {  # DATALIST SPLIT OUTPUT_DIR NAME: the judge on one split, against its MAE on x_test
+    [ -f "$3/$2_metrics.json" ] || "${EVAL[@]}" --datalist_file "$1" --eval_split "$2" --output_dir "$3" >> "$SJ.log" 2>&1
+    report "$3/$2_metrics.json" "$4" "$SJ/eval/test_metrics.json"
 }
 
 SMOOTHED=$OUT/smoothed_test.json
@@ -53,9 +57,7 @@ write_datalist(sys.argv[3], out)
 PY
 
 {
-    python -c "import json, sys; m = json.load(open(sys.argv[1]))
-print(f\"{'x (real test volumes)':40s} n {m['n']:3d}  MAE {m['mae']:6.2f}  mean gap {m['mean_gap']:+6.2f}  r {m['pearson_r']:.3f}\")" \
-        "$SJ/eval/test_metrics.json"
+    report "$SJ/eval/test_metrics.json" "x (real test volumes)"
     for SIGMA in 0.5 1.0; do score "$SMOOTHED" "sigma$SIGMA" "$SJ/qc_smoothed" "x smoothed, sigma $SIGMA voxel"; done
     for R in "$OUT"/gan_*/; do
         G=$(basename "$R")
