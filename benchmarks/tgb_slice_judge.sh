@@ -7,7 +7,7 @@
 #   benchmarks/tgb_slice_judge.sh OUT [BLUR_PROB]   # repo root, venv active; OUT as given to tgb_generator_seeds.sh
 #
 # BLUR_PROB (default 0.5) is the judge's augment_blur_prob; the judge lives in OUT/slice_judge_blurBLUR_PROB,
-# its report in summary.txt there. Steps whose output exists are skipped. About 3 min of training and
+# its report in summary.txt there. Steps whose output exists are skipped. About 5-6 min of training and
 # 20 s per scored set on a 2-core CPU.
 set -euo pipefail
 OUT=${1:?usage: $0 OUT [BLUR_PROB]}
