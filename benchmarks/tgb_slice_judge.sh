@@ -12,6 +12,7 @@
 set -euo pipefail
 OUT=${1:?usage: $0 OUT [BLUR_PROB]}
 BLUR=${2:-0.5}
+[ -f "$OUT/real100.json" ] || { echo "$OUT/real100.json not found: run benchmarks/tgb_generator_seeds.sh $OUT SEED first" >&2; exit 2; }
 SLICE=bundles/slice_cnn_brainage/configs
 SJ=$OUT/slice_judge_blur$BLUR
 COMMON=(--dataset_dir "$OUT/cohort400" --bundle_root "$SJ" --seed 1 --augment_blur_prob "$BLUR")
