@@ -3,9 +3,13 @@
 #
 #   benchmarks/tgb_generator_seeds.sh OUT SEED [SEED ...] [-- VARIANT OVERRIDE ...]   # repo root, venv active
 #
-# Without `--` the GANs are train.json at its defaults, in OUT/gan_sSEED; after `--`, VARIANT names a variant
-# and the rest are train.json overrides for it, in OUT/gan_VARIANT_sSEED, e.g. the GAN without its task branch:
+# Without `--` the GANs are train.json at its defaults, in OUT/gan_sSEED: since bundle 0.6.0 each first trains
+# its task branch as a 3D regressor with the GAN's seed (OUT/gan_sSEED/branch_regressor), the judge's recipe,
+# so seed 2, the judge's, is refused there. After `--`, VARIANT names a variant and the rest are train.json
+# overrides for it, in OUT/gan_VARIANT_sSEED, e.g. the GAN without its task branch, or the branch that learns
+# age in the warm-up only (the default before 0.6.0):
 #   benchmarks/tgb_generator_seeds.sh runs/tgbseeds 1 -- no_branch --loss#age_weight 0
+#   benchmarks/tgb_generator_seeds.sh runs/tgbseeds 0 1 2 -- warmup_branch --real_trained_branch false
 #
 # Every step is skipped when its output exists, so a killed run resumes with the same command
 # (a killed training also resumes from its per-epoch checkpoint):
@@ -20,7 +24,7 @@
 #   4. per seed: the GAN (train.json), its reconstructions of the test split
 #      (inference.json) and its synthetic volumes (generate.json, 4 per 5-year bin, at most 100), then
 #      tgb_age_probes.py, whose report goes to the GAN's folder as probes.txt.
-# Training logs go to OUT/*.log. About 5 min per regressor and 30 min per GAN on a 2-core CPU
+# Training logs go to OUT/*.log. About 6 min per regressor and 20-30 min per GAN on a 2-core CPU
 # (run nothing else beside it).
 set -euo pipefail
 USAGE="usage: $0 OUT SEED [SEED ...] [-- VARIANT OVERRIDE ...]"
@@ -31,12 +35,18 @@ while [ $# -gt 0 ] && [ "$1" != -- ]; do SEEDS+=("$1"); shift; done
 [ ${#SEEDS[@]} -gt 0 ] || { echo "$USAGE" >&2; exit 2; }
 PREFIX=gan_
 OVERRIDES=()
+JUDGE_SEED=2
 if [ $# -gt 0 ]; then
     shift
     [ $# -gt 0 ] || { echo "$USAGE" >&2; exit 2; }
     PREFIX=gan_$1_
     shift
     OVERRIDES=("$@")
+else
+    for SEED in "${SEEDS[@]}"; do
+        [ "$SEED" != "$JUDGE_SEED" ] || { echo "$0: seed $JUDGE_SEED is the judge's: at the defaults the GAN's branch" \
+            "would be trained as the judge is, and the judge would score its own branch; use other seeds" >&2; exit 2; }
+    done
 fi
 TGB=bundles/tgb_gan_augment/configs
 SLICE=bundles/slice_cnn_brainage/configs
@@ -55,7 +65,7 @@ real_regressor() {  # ROOT SEED: the 3D regressor trained on the 100 real subjec
         --dataset_dir "$COHORT" --datalist_file "$DATALIST" --seed "$2" --augment_blur_prob 0.5 > "$1.log" 2>&1
 }
 JUDGE=$OUT/judge
-real_regressor "$JUDGE" 2
+real_regressor "$JUDGE" "$JUDGE_SEED"
 real_regressor "$OUT/branch_regressor" 0
 
 for SEED in "${SEEDS[@]}"; do

@@ -147,12 +147,14 @@ class AugmentationStudy:
 
     def gan_datalist(self, variant: str) -> Path:
         """Train one GAN variant, synthesise with it (region maps included), and return its merged real +
-        synthetic datalist. A variant with an age term starts its branch from ``branch_init`` when given."""
+        synthetic datalist. A variant with an age term starts its branch from ``branch_init`` when given, else
+        its branch learns age in the warm-up (the study's regressors are trained once, not in every GAN)."""
         root = self.gan_root(variant)
         common = {"bundle_root": str(root), "dataset_dir": self.dataset_dir, "datalist_file": self.datalist_file,
                   "seed": self.gan_seed}
         weight = self.gan_variants[variant]
-        branch = {"branch_init_weights": str(self.branch_init)} if weight > 0 and self.branch_init else {}
+        branch = ({"branch_init_weights": str(self.branch_init)} if weight > 0 and self.branch_init
+                  else {"real_trained_branch": False})
         self._run(f"train GAN {variant}", root / "models" / "checkpoint_last.pt", [self.gan_configs / "train.json"],
                   **common, **{"loss#age_weight": weight}, **branch, **self.gan_overrides)
         merged = root / "eval" / "synthetic" / "datalist.json"

@@ -18,6 +18,7 @@ from brainage_core.datalist import read_datalist, write_datalist
 from brainage_core.grid import canonical_grid
 from brainage_core.volumes import save_nifti
 from custom_components.tgb_gan.augmentation_study import reconstruction_records
+from custom_components.tgb_gan.branch_regressor import train_branch_regressor
 from custom_components.tgb_gan.networks import TGBGenerator
 
 pytestmark = pytest.mark.slow
@@ -30,7 +31,7 @@ SIZE = 16
 AFFINE = canonical_grid(12.0).affine
 GENERATOR = {"image_size": [SIZE] * 3, "network_def#encoder_channels": [4, 8], "network_def#decoder_channels": [8, 4]}
 TINY = {**GENERATOR, "critic_def#channels": [4, 8], "regressor_def#channels": [2, 4],
-        "batch_size": 4, "n_grid_images": 2, "warmup_iterations": 0}
+        "batch_size": 4, "n_grid_images": 2, "warmup_iterations": 0, "branch_regressor_epochs": 1}
 # training ages: integer bins 30, 45 and 60 hold two or three subjects each; the rest one
 TRAIN_AGES = [20.0, 25.0, 29.8, 30.1, 30.4, 35.0, 45.2, 44.6, 50.0, 55.0, 60.0, 60.3, 70.0, 80.0]
 VAL_AGES, TEST_AGES = [33.0, 58.0, 77.0], [40.0, 65.0, 85.0]
@@ -104,6 +105,27 @@ def test_train_writes_checkpoints_figures_and_metrics(trained):
     for epoch in (1, 2):
         assert (root / "eval" / "reconstructions" / f"reconstructions_epoch_{epoch:04d}.png").stat().st_size > 0
     assert list((root / "eval").glob("events.out.tfevents.*"))
+
+
+def test_default_branch_is_a_regressor_trained_on_the_real_volumes_first(trained, cohort, tmp_path):
+    root, _ = trained
+    branch = root / "branch_regressor"
+    args = json.loads((branch / "branch_regressor_args.json").read_text())
+    assert args["seed"] == 0 and args["dataset_dir"] == str(cohort) and args["augment_blur_prob"] == 0.5
+    assert args["network_def#channels"] == [2, 4] and args["train#trainer#max_epochs"] == 1
+    assert (branch / "eval" / "learning_curve.csv").is_file()  # a whole bundle run, its validation included
+    regressor = torch.load(branch / "models" / "model.pt", weights_only=True)
+    last = torch.load(root / "models" / "checkpoint_last.pt", weights_only=True)
+    assert "branch_optimizer" in last and last["branch_optimizer"]["state"] == {}  # no warm-up branch training
+    for name, value in regressor.items():  # the fixed branch kept the real-trained weights
+        torch.testing.assert_close(last["regressor"][name], value, rtol=0, atol=0)
+    stamp = (branch / "models" / "checkpoint_last.pt").stat().st_mtime_ns
+    again = train_branch_regressor(branch, str(cohort), str(cohort / "datalist.json"), 0)
+    assert again == str(branch / "models" / "model.pt")
+    assert (branch / "models" / "checkpoint_last.pt").stat().st_mtime_ns == stamp  # reused, not retrained
+    with pytest.raises(FileNotFoundError, match=r"nope\.json.*--real_trained_branch false"):
+        train_branch_regressor(tmp_path / "other", str(cohort), str(cohort / "datalist.json"), 0,
+                               config_files=[tmp_path / "nope.json"])
 
 
 def test_ablation_override_removes_the_age_term(cohort, tmp_path):

@@ -19,7 +19,8 @@ AFFINE = np.diag([4.0, 4.0, 4.0, 1.0])
 SLICE_TINY = {"image_size": [SIZE] * 3, "network_def#sfcn_channels": [4, 8], "min_free_mb": 1}
 GAN_TINY = {"image_size": [SIZE] * 3, "network_def#encoder_channels": [4, 8], "network_def#decoder_channels": [8, 4],
             "critic_def#channels": [4, 8], "regressor_def#channels": [2, 4],
-            "batch_size": 4, "n_grid_images": 2, "min_free_mb": 1, "warmup_iterations": 0}
+            "batch_size": 4, "n_grid_images": 2, "min_free_mb": 1, "warmup_iterations": 0,
+            "real_trained_branch": False}  # its own tests (test_tgb_gan_bundle.py) cover the branch's pre-training
 
 
 def ball(age: float, rng: np.random.Generator, shape=(SIZE,) * 3) -> np.ndarray:
