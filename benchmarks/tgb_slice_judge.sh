@@ -7,7 +7,8 @@
 #   benchmarks/tgb_slice_judge.sh OUT [BLUR_PROB]   # repo root, venv active; OUT as given to tgb_generator_seeds.sh
 #
 # BLUR_PROB (default 0.5) is the judge's augment_blur_prob; the judge lives in OUT/slice_judge_blurBLUR_PROB,
-# its report in summary.txt there. Steps whose output exists are skipped. About 5-6 min of training and
+# its report in summary.txt there. Steps whose output exists are skipped (a scored set only while it is newer
+# than what it scored, so a retrained GAN folder is rescored). About 5-6 min of training and
 # 20 s per scored set on a 2-core CPU.
 set -euo pipefail
 OUT=${1:?usage: $0 OUT [BLUR_PROB]}
@@ -30,7 +31,7 @@ print(f'{sys.argv[2]:40s} n {m[\"n\"]:3d}  MAE {m[\"mae\"]:6.2f}  mean gap {m[\"
 }
 
 score() {  # DATALIST SPLIT OUTPUT_DIR NAME: the judge on one split, against its MAE on x_test
-    [ -f "$3/$2_metrics.json" ] || "${EVAL[@]}" --datalist_file "$1" --eval_split "$2" --output_dir "$3" >> "$SJ.log" 2>&1
+    [ "$3/$2_metrics.json" -nt "$1" ] || "${EVAL[@]}" --datalist_file "$1" --eval_split "$2" --output_dir "$3" >> "$SJ.log" 2>&1
     report "$3/$2_metrics.json" "$4" "$SJ/eval/test_metrics.json"
 }
 
@@ -63,7 +64,8 @@ PY
     for R in "$OUT"/gan_*/; do
         G=$(basename "$R")
         [ -f "$R/eval/synthetic/datalist.json" ] || continue
-        [ -f "$SJ/qc_$G.json" ] || python - "$OUT/real100.json" "$R" "$SJ/qc_$G.json" <<'PY'
+        # rebuilt (and rescored) when the GAN's synthesis is newer: a retrained folder is never read stale
+        [ "$SJ/qc_$G.json" -nt "$R/eval/synthetic/datalist.json" ] || python - "$OUT/real100.json" "$R" "$SJ/qc_$G.json" <<'PY'
 import sys
 from pathlib import Path
 

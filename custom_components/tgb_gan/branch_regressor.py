@@ -34,7 +34,8 @@ def train_branch_regressor(root: str | Path, dataset_dir: str, datalist_file: st
 
     ``config_files`` are layered into one bundle run (None: :data:`DEFAULT_CONFIGS`, the files of this
     repository); ``overrides`` are its config overrides as nested dicts (``{"augment_blur_prob": 0.5,
-    "network_def": {"channels": [...]}}``), applied leaf by leaf. The run is its own process
+    "network_def": {"channels": [...]}}``), applied leaf by leaf; a ``device`` (the GAN's) is written as the
+    expression that makes it, ``$torch.device('cuda:0')``. The run is its own process
     (``python -m monai.bundle run --args_file ROOT/branch_regressor_args.json``, the file kept beside its
     outputs): the same run as that command typed by hand, and no random, logging or distributed state
     shared with the GAN. A run whose final checkpoint exists is reused, so a resumed or repeated GAN
