@@ -109,10 +109,6 @@ class TaskGuidedGANTrainer(Trainer):
             ``train_regressor`` False it is then the fixed task loss of the adversarial phase, with no
             separate pre-training run.
         warmup_lr_schedulers: schedulers stepped once after every warm-up iteration (e.g. the branch's).
-        branch_input: a fixed filter every volume passes through before the branch (e.g. a Gaussian
-            smoothing, ``monai.networks.layers.GaussianFilter``): the branch then gives the generator no
-            gradient for textures finer than it passes, which a fixed branch otherwise lets the generator
-            write to move its age reading (issue 13; the tgb bundle's docs, Performance). None: none.
         grad_clip_norm: when given, clip each optimiser's gradients to this total 2-norm before stepping.
         train_regressor: False keeps the branch fixed: in eval mode (its saved batch-norm statistics) and
             without gradients to its parameters, while the age term still trains the generator through it.
@@ -146,7 +142,6 @@ class TaskGuidedGANTrainer(Trainer):
         warmup_optimizer: Optimizer | None = None,
         branch_optimizer: Optimizer | None = None,
         warmup_lr_schedulers: Sequence | None = None,
-        branch_input: nn.Module | None = None,
         grad_clip_norm: float | None = None,
         train_regressor: bool = True,
         channels_last: bool = False,
@@ -204,7 +199,6 @@ class TaskGuidedGANTrainer(Trainer):
         self.network = generator
         self.critic = critic
         self.regressor = regressor
-        self.branch_input = nn.Identity() if branch_input is None else branch_input
         self.g_optimizer = g_optimizer
         self.d_optimizer = d_optimizer
         self.loss_function = loss
@@ -298,7 +292,7 @@ class TaskGuidedGANTrainer(Trainer):
         frozen = [engine.critic] + ([engine.regressor] if loss.uses_age and not engine.train_regressor else [])
         with engine._autocast(), _parameters_frozen(*frozen):
             fake_scores = engine.critic(fake)
-            pred_age = engine.regressor(engine.branch_input(fake)) if loss.uses_age else None
+            pred_age = engine.regressor(fake) if loss.uses_age else None
             g_total, g_terms = loss.generator_loss(fake_scores, fake, real, pred_age, age)
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         engine._step("generator", g_total, g_terms, engine.g_optimizer, engine.g_scaler)
@@ -314,7 +308,7 @@ class TaskGuidedGANTrainer(Trainer):
             raise ValueError("the branch learns age during the warm-up, but the batch has no ages")
         pair = torch.cat([real, fake.detach()])
         with self._autocast():
-            predicted = self.regressor(self.branch_input(pair))
+            predicted = self.regressor(pair)
             branch_total, branch_terms = self.loss_function.branch_loss(predicted, torch.cat([age, age]))
         self._step("branch", branch_total, branch_terms, self.branch_optimizer, self.g_scaler)
         terms.update(branch_terms)
@@ -336,7 +330,7 @@ class TaskGuidedGANTrainer(Trainer):
 
         def forward(batch: torch.Tensor, network: nn.Module) -> torch.Tensor:
             with self._autocast():
-                return network(self.branch_input(batch))
+                return network(batch)
 
         recompute_batch_norm_statistics(self.regressor, images(), inferer=forward)
 
