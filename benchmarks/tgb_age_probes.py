@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from scipy.ndimage import gaussian_filter
 
-from brainage_core.datalist import read_datalist
+from brainage_core.datalist import read_datalist, synthetic_records
 from custom_components.common.brain_age import brain_age_metrics
 from custom_components.common.networks.age_cnn3d import AgeCNN3d
 from custom_components.tgb_gan.augmentation_study import reconstruction_records
@@ -89,7 +89,7 @@ def main() -> None:
                                                        for v, g in zip(real, reconstructed)], ages), reference))
     ratio = sum(period_two_power(g - v) for v, g in zip(real, reconstructed)) / sum(map(period_two_power, real))
     print(f"period-2 power of G(x) - x / of x: {ratio:.2f}")
-    synthetic = [r for r in read_datalist(root / "synthetic" / "datalist.json")["training"] if r["synthetic"]]
+    synthetic = synthetic_records(root / "synthetic" / "datalist.json")
     volumes = [unit_range(nib.load(r["image"]).get_fdata()) for r in synthetic]
     print(line("synthetic vs assigned ages: realism", scores(network, volumes, np.array([r["age"] for r in synthetic])),
                reference))

@@ -69,11 +69,11 @@ PY
 import sys
 from pathlib import Path
 
-from brainage_core.datalist import read_datalist, write_datalist
+from brainage_core.datalist import read_datalist, synthetic_records, write_datalist
 from custom_components.tgb_gan.augmentation_study import reconstruction_records
 
 splits, root = read_datalist(sys.argv[1]), Path(sys.argv[2])
-synthetic = [r for r in read_datalist(root / "eval" / "synthetic" / "datalist.json")["training"] if r.get("synthetic")]
+synthetic = synthetic_records(root / "eval" / "synthetic" / "datalist.json")
 write_datalist(sys.argv[3], {"training": splits["training"], "recon": reconstruction_records(root, splits["test"]),
                              "synthetic": synthetic})
 PY

@@ -39,6 +39,12 @@ def read_datalist(path: str | os.PathLike) -> dict[str, list[dict]]:
     }
 
 
+def synthetic_records(path: str | os.PathLike) -> list[dict]:
+    """The synthetic volumes of a merged real + synthetic datalist (``generate.json``'s): the training records
+    flagged ``synthetic``."""
+    return [record for record in read_datalist(path)["training"] if record.get("synthetic")]
+
+
 def _relative_image(record: dict, root: Path) -> dict:
     image = Path(record["image"]).resolve()
     try:

@@ -19,7 +19,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from brainage_core.datalist import read_datalist
+from brainage_core.datalist import read_datalist, synthetic_records
 from brainage_core.volumes import InputError, atomic_path
 
 from .demo import DemoLayout, report_argv
@@ -158,8 +158,7 @@ def gan_grid_figure(at: DemoLayout, path: Path) -> Path:
     test = sorted(read_datalist(_required(at.cohort / "datalist.json", "simulate_cohort"))["test"],
                   key=lambda r: r["age"])
     chosen = [test[i] for i in np.unique(np.linspace(0, len(test) - 1, GRID_COLUMNS).round().astype(int))]
-    synthetic = [r for r in read_datalist(_required(at.synthetic_datalist, "generate_synthetic"))["training"]
-                 if r.get("synthetic")]
+    synthetic = synthetic_records(_required(at.synthetic_datalist, "generate_synthetic"))
     rows = ["real", "reconstructed"] + (["synthetic"] if synthetic else [])
     fig, axes = plt.subplots(len(rows), len(chosen), figsize=(2.4 * len(chosen), 2.5 * len(rows)), squeeze=False)
     for col, record in enumerate(chosen):
