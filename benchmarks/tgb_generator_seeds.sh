@@ -15,8 +15,10 @@
 # (a killed training also resumes from its per-epoch checkpoint):
 #   1. the 400-subject 4 mm cohort (simulate-cohort seed 0) and real100.json: the 100 training subjects
 #      the augmentation study draws with seed 0, with the cohort's whole validation and test splits;
-#   2. the judge: a 3D regressor trained on the GANs' 100 real subjects with half its volumes smoothed
-#      (slice bundle train.json + tgb downstream_regressor3d.json, seed 2, augment_blur_prob 0.5);
+#   2. the judge: a 3D regressor trained on the GANs' 100 real subjects, seed 2, by the function and the keys
+#      train.json's default branch is trained with (custom_components.tgb_gan.branch_regressor,
+#      branch_regressor_configs and branch_regressor_overrides: the slice bundle's train.json with this
+#      bundle's downstream_regressor3d.json, half the volumes smoothed), so the two recipes cannot drift apart;
 #   3. the branch regressor: the judge's recipe with seed 0 (OUT/branch_regressor), for variants whose fixed
 #      task branch starts from a real-trained regressor other than the judge:
 #        benchmarks/tgb_generator_seeds.sh runs/tgbseeds 0 1 2 -- branch_init \
@@ -49,7 +51,6 @@ else
     done
 fi
 TGB=bundles/tgb_gan_augment/configs
-SLICE=bundles/slice_cnn_brainage/configs
 COHORT=$OUT/cohort400
 DATALIST=$OUT/real100.json
 mkdir -p "$OUT"
@@ -59,10 +60,15 @@ mkdir -p "$OUT"
 from custom_components.tgb_gan.augmentation_study import write_training_subset
 write_training_subset(sys.argv[1], 100, 0, sys.argv[2])" "$COHORT/datalist.json" "$DATALIST"
 
-real_regressor() {  # ROOT SEED: the 3D regressor trained on the 100 real subjects, half its volumes smoothed
-    [ -f "$1/models/checkpoint_last.pt" ] || python -m monai.bundle run \
-        --config_file "['$SLICE/train.json','$TGB/downstream_regressor3d.json']" --bundle_root "$1" \
-        --dataset_dir "$COHORT" --datalist_file "$DATALIST" --seed "$2" --augment_blur_prob 0.5 > "$1.log" 2>&1
+real_regressor() {  # ROOT SEED: the 3D regressor on the 100 real subjects, trained as train.json's default branch is
+    [ -f "$1/models/checkpoint_last.pt" ] || python -c "import sys
+from monai.bundle import ConfigParser
+from custom_components.tgb_gan.branch_regressor import train_branch_regressor
+gan = ConfigParser()
+gan.read_config(sys.argv[1])
+train_branch_regressor(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]),
+                       gan.get_parsed_content('branch_regressor_configs'), gan.get_parsed_content('branch_regressor_overrides'))" \
+        "$TGB/train.json" "$1" "$COHORT" "$DATALIST" "$2" > "$1.log" 2>&1
 }
 JUDGE=$OUT/judge
 real_regressor "$JUDGE" "$JUDGE_SEED"
