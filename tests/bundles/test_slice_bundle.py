@@ -19,6 +19,7 @@ import pytest
 import torch
 from ignite.engine import Events
 from monai.bundle import ConfigParser, ConfigWorkflow, ckpt_export, verify_metadata, verify_net_in_out
+from monai.data import DataLoader, Dataset
 from monai.handlers import from_engine
 
 from brainage_core.datalist import write_datalist
@@ -401,6 +402,32 @@ def test_saved_models_hold_batch_norm_statistics_of_their_own_weights(tmp_path, 
     assert running
     for key in running:
         torch.testing.assert_close(network.state_dict()[key], final[key], rtol=1e-3, atol=1e-3)
+
+
+def test_precise_batch_norm_can_read_every_training_volume_without_augmentation(tmp_path, cohort):
+    """``precise_bn_augmented false``: the saved statistics are those of the final weights over every training
+    volume as validation prepares it, not over augmented training batches (which differ from draw to draw)."""
+    settings = {"train#trainer#max_epochs": 2, "learning_rate": 0.01, "precise_bn_augmented": False}
+    workflow = _train(tmp_path, cohort, **settings)
+    parser = workflow.parser
+    network = parser.get_parsed_content("network")
+    final = torch.load(tmp_path / "models" / "checkpoint_last.pt", weights_only=True)["model"]
+    running = [key for key in final if "running" in key]
+    assert running
+    prepare, inferer = parser.get_parsed_content("prepare_batch"), parser.get_parsed_content("train#inferer")
+
+    def statistics(loader) -> dict:
+        network.load_state_dict(final)
+        recompute_batch_norm_statistics(network, (prepare(batch, "cpu")[0] for batch in loader), inferer=inferer)
+        return {key: network.state_dict()[key] for key in running}
+
+    clean = DataLoader(Dataset(parser.get_parsed_content("train#datalist"),
+                               parser.get_parsed_content("validate#preprocessing")),
+                       batch_size=parser.get_parsed_content("batch_size"))  # as the handler batches them
+    for key, value in statistics(clean).items():
+        torch.testing.assert_close(value, final[key], rtol=1e-3, atol=1e-3)
+    augmented = statistics(parser.get_parsed_content("train#dataloader"))
+    assert any(not torch.allclose(augmented[key], final[key], rtol=1e-3, atol=1e-3) for key in running)
 
 
 def test_command_line_variant_override(tmp_path, cohort):
