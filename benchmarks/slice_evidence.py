@@ -18,8 +18,9 @@ Parts (``--parts``, default all):
   from scratch (``--seeds``) and, unless ``--ad_from_brain_age false``, started from the first default
   brain-age model (first seed), against logistic regression on voxels and the mean intensity of the
   simulator's medial-temporal AD region;
-- ``ablation``: the default config without precise batch-norm statistics and/or without weight averaging
-  (``--ablations``; first seed), learning curves and test MAE beside the default's;
+- ``ablation``: the default config without precise batch-norm statistics, with them from 8 augmented batches
+  (the default before 0.4.0) and/or without weight averaging (``--ablations``; first seed), learning curves
+  and test MAE beside the default's;
 - ``transfer``: each default model on cohorts simulated with other settings (``TRANSFER_COHORTS``: other
   seed and sites, each site with its own mix of ageing effects; and the same with another overall mix)
   and, when present, on the ten real IXI heads of ``--ixi_dir`` preprocessed at 4 mm, beside ridge;
@@ -56,6 +57,8 @@ TRAIN, EVALUATE = CONFIGS / "train.json", CONFIGS / "evaluate.json"
 TRAIN_AD, EVALUATE_AD = CONFIGS / "train_ad.json", CONFIGS / "evaluate_ad.json"
 PARTS = ("default", "small", "variants", "ad", "transfer", "ablation", "cues")
 ABLATIONS = {"no_precise_bn": ("no precise batch norm (running statistics)", {"precise_bn_batches": 0}),
+             "augmented_precise_bn": ("precise batch norm from 8 shuffled augmented batches (the default before 0.4.0)",
+                                      {"precise_bn_augmented": True, "precise_bn_batches": 8}),
              "no_weight_averaging": ("no weight averaging", {"ema_epochs": 0})}
 AGGREGATIONS = ("mean", "max", "attention", "transformer")
 AXES = ("sagittal", "coronal", "axial")

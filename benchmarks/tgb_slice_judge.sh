@@ -16,7 +16,10 @@ BLUR=${2:-0.5}
 [ -f "$OUT/real100.json" ] || { echo "$OUT/real100.json not found: run benchmarks/tgb_generator_seeds.sh $OUT SEED first" >&2; exit 2; }
 SLICE=bundles/slice_cnn_brainage/configs
 SJ=$OUT/slice_judge_blur$BLUR
-COMMON=(--dataset_dir "$OUT/cohort400" --bundle_root "$SJ" --seed 1 --augment_blur_prob "$BLUR")
+# The judge keeps the slice recipe its figures were measured with (precise batch norm from 8 augmented batches,
+# the slice bundle's default before 0.4.0), like the tgb branch and 3D judge (train.json's branch_regressor_overrides).
+COMMON=(--dataset_dir "$OUT/cohort400" --bundle_root "$SJ" --seed 1 --augment_blur_prob "$BLUR"
+        --precise_bn_augmented true --precise_bn_batches 8)
 EVAL=(python -m monai.bundle run --config_file "['$SLICE/train.json','$SLICE/evaluate.json']" "${COMMON[@]}")
 mkdir -p "$SJ"
 [ -f "$SJ/models/checkpoint_last.pt" ] || python -m monai.bundle run --config_file "$SLICE/train.json" \

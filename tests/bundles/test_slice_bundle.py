@@ -385,10 +385,12 @@ def test_training_records_its_learning_curve_and_follows_the_learning_rate_sched
     assert (trained / "eval" / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_saved_models_hold_batch_norm_statistics_of_their_own_weights(tmp_path, cohort):
-    """Precise batch norm: the final checkpoint's running statistics are those of its final (averaged)
-    weights on the training data (one batch of all 8 training volumes, no augmentation: reproducible)."""
-    settings = {"augment": False, "train#trainer#max_epochs": 2, "learning_rate": 0.01}
+def test_saved_models_hold_batch_norm_statistics_of_their_own_weights_over_the_training_loader(tmp_path, cohort):
+    """``precise_bn_augmented true`` (the default before 0.4.0): the final checkpoint's running statistics are
+    those of its final (averaged) weights over the training loader (here one batch of all 8 training volumes,
+    no augmentation: reproducible)."""
+    settings = {"augment": False, "train#trainer#max_epochs": 2, "learning_rate": 0.01,
+                "precise_bn_augmented": True, "precise_bn_batches": 8}
     workflow = _train(tmp_path, cohort, **settings)
     network = workflow.parser.get_parsed_content("network")
     final = torch.load(tmp_path / "models" / "checkpoint_last.pt", weights_only=True)["model"]
@@ -404,10 +406,10 @@ def test_saved_models_hold_batch_norm_statistics_of_their_own_weights(tmp_path, 
         torch.testing.assert_close(network.state_dict()[key], final[key], rtol=1e-3, atol=1e-3)
 
 
-def test_precise_batch_norm_can_read_every_training_volume_without_augmentation(tmp_path, cohort):
-    """``precise_bn_augmented false``: the saved statistics are those of the final weights over every training
-    volume as validation prepares it, not over augmented training batches (which differ from draw to draw)."""
-    settings = {"train#trainer#max_epochs": 2, "learning_rate": 0.01, "precise_bn_augmented": False}
+def test_precise_batch_norm_reads_every_training_volume_without_augmentation(tmp_path, cohort):
+    """The default: the saved statistics are those of the final weights over every training volume as
+    validation prepares it, not over augmented training batches (which differ from draw to draw)."""
+    settings = {"train#trainer#max_epochs": 2, "learning_rate": 0.01}
     workflow = _train(tmp_path, cohort, **settings)
     parser = workflow.parser
     network = parser.get_parsed_content("network")
