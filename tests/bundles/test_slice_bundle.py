@@ -385,6 +385,25 @@ def test_training_records_its_learning_curve_and_follows_the_learning_rate_sched
     assert (trained / "eval" / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def _batch_norm_statistics(workflow, root: Path):
+    """The final checkpoint's running batch-norm statistics, and a function that recomputes them for the same
+    weights over a loader's batches (returns how many batches it read and the statistics)."""
+    parser = workflow.parser
+    network = parser.get_parsed_content("network")
+    final = torch.load(root / "models" / "checkpoint_last.pt", weights_only=True)["model"]
+    running = [key for key in final if "running" in key]
+    assert running
+    prepare = parser.get_parsed_content("prepare_batch")
+    inferer = parser.get_parsed_content("train#inferer")  # bf16 autocast on CPUs that have it, as trained
+
+    def recomputed(loader) -> tuple[int, dict]:
+        network.load_state_dict(final)
+        n = recompute_batch_norm_statistics(network, (prepare(batch, "cpu")[0] for batch in loader), inferer=inferer)
+        return n, {key: network.state_dict()[key] for key in running}
+
+    return {key: final[key] for key in running}, recomputed
+
+
 def test_saved_models_hold_batch_norm_statistics_of_their_own_weights_over_the_training_loader(tmp_path, cohort):
     """``precise_bn_augmented true`` (the default before 0.4.0): the final checkpoint's running statistics are
     those of its final (averaged) weights over the training loader (here one batch of all 8 training volumes,
@@ -392,18 +411,11 @@ def test_saved_models_hold_batch_norm_statistics_of_their_own_weights_over_the_t
     settings = {"augment": False, "train#trainer#max_epochs": 2, "learning_rate": 0.01,
                 "precise_bn_augmented": True, "precise_bn_batches": 8}
     workflow = _train(tmp_path, cohort, **settings)
-    network = workflow.parser.get_parsed_content("network")
-    final = torch.load(tmp_path / "models" / "checkpoint_last.pt", weights_only=True)["model"]
-    network.load_state_dict(final)
-    loader = workflow.parser.get_parsed_content("train#dataloader")
-    prepare = workflow.parser.get_parsed_content("prepare_batch")
-    inferer = workflow.parser.get_parsed_content("train#inferer")  # bf16 autocast on CPUs that have it, as trained
-    images = (prepare(batch, "cpu")[0] for batch in loader)
-    assert recompute_batch_norm_statistics(network, images, inferer=inferer) == 1
-    running = [key for key in final if "running" in key]
-    assert running
-    for key in running:
-        torch.testing.assert_close(network.state_dict()[key], final[key], rtol=1e-3, atol=1e-3)
+    final, recomputed = _batch_norm_statistics(workflow, tmp_path)
+    n_batches, statistics = recomputed(workflow.parser.get_parsed_content("train#dataloader"))
+    assert n_batches == 1
+    for key, value in statistics.items():
+        torch.testing.assert_close(value, final[key], rtol=1e-3, atol=1e-3)
 
 
 def test_precise_batch_norm_reads_every_training_volume_without_augmentation(tmp_path, cohort):
@@ -412,24 +424,14 @@ def test_precise_batch_norm_reads_every_training_volume_without_augmentation(tmp
     settings = {"train#trainer#max_epochs": 2, "learning_rate": 0.01}
     workflow = _train(tmp_path, cohort, **settings)
     parser = workflow.parser
-    network = parser.get_parsed_content("network")
-    final = torch.load(tmp_path / "models" / "checkpoint_last.pt", weights_only=True)["model"]
-    running = [key for key in final if "running" in key]
-    assert running
-    prepare, inferer = parser.get_parsed_content("prepare_batch"), parser.get_parsed_content("train#inferer")
-
-    def statistics(loader) -> dict:
-        network.load_state_dict(final)
-        recompute_batch_norm_statistics(network, (prepare(batch, "cpu")[0] for batch in loader), inferer=inferer)
-        return {key: network.state_dict()[key] for key in running}
-
+    final, recomputed = _batch_norm_statistics(workflow, tmp_path)
     clean = DataLoader(Dataset(parser.get_parsed_content("train#datalist"),
                                parser.get_parsed_content("validate#preprocessing")),
                        batch_size=parser.get_parsed_content("batch_size"))  # as the handler batches them
-    for key, value in statistics(clean).items():
+    for key, value in recomputed(clean)[1].items():
         torch.testing.assert_close(value, final[key], rtol=1e-3, atol=1e-3)
-    augmented = statistics(parser.get_parsed_content("train#dataloader"))
-    assert any(not torch.allclose(augmented[key], final[key], rtol=1e-3, atol=1e-3) for key in running)
+    augmented = recomputed(parser.get_parsed_content("train#dataloader"))[1]
+    assert any(not torch.allclose(augmented[key], final[key], rtol=1e-3, atol=1e-3) for key in final)
 
 
 def test_command_line_variant_override(tmp_path, cohort):
