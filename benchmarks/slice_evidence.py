@@ -14,10 +14,13 @@ Parts (``--parts``, default all):
 - ``variants``: aggregation (mean, max, attention, transformer) x position embedding x slice axis, one
   seed each, then the best four with two more seeds; sfcn2d against ResNet-18 (random init: ImageNet
   weights cannot be downloaded here); ``--variant_epochs`` each (the default schedule, shorter: 32 runs);
-- ``ad``: the AD detector on a 400-subject cohort with 30 % AD: test AUC with its bootstrap 95 % interval,
-  from scratch (``--seeds``) and, unless ``--ad_from_brain_age false``, started from the first default
-  brain-age model (first seed), against logistic regression on voxels and the mean intensity of the
-  simulator's medial-temporal AD region;
+- ``ad``: the AD detector on a 400-subject cohort with 30 % AD (AD subjects 55 or older, controls of any
+  age): test AUC with its bootstrap 95 % interval, from scratch (``--ad_seeds``) and, unless
+  ``--ad_from_brain_age false``, started from the first default brain-age model (first seed), against
+  logistic regression on voxels, the subject's age alone and the mean intensity of the simulator's
+  medial-temporal AD region;
+- ``ad_matched``: the same on an age-matched cohort (half AD, everyone 55 or older: the demo's design),
+  where age explains nothing;
 - ``ablation``: the default config without precise batch-norm statistics, with them from 8 augmented batches
   (the default before 0.4.0) and/or without weight averaging (``--ablations``; first seed), learning curves
   and test MAE beside the default's;
@@ -49,13 +52,14 @@ import pandas as pd
 from brainage_core.datalist import read_datalist, write_datalist
 from brainage_core.options import as_bool
 from custom_components.slice_cnn.baselines import ad_baseline, age_baselines, region_mean_auc
+from data_prep.simulate import AD_MIN_AGE
 from workflows.demo import bundle_run, children_cpu_seconds
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundles" / "slice_cnn_brainage" / "configs"
 TRAIN, EVALUATE = CONFIGS / "train.json", CONFIGS / "evaluate.json"
 TRAIN_AD, EVALUATE_AD = CONFIGS / "train_ad.json", CONFIGS / "evaluate_ad.json"
-PARTS = ("default", "small", "variants", "ad", "transfer", "ablation", "cues")
+PARTS = ("default", "small", "variants", "ad", "ad_matched", "transfer", "ablation", "cues")
 ABLATIONS = {"no_precise_bn": ("no precise batch norm (running statistics)", {"precise_bn_batches": 0}),
              "augmented_precise_bn": ("precise batch norm from 8 shuffled augmented batches (the default before 0.4.0)",
                                       {"precise_bn_augmented": True, "precise_bn_batches": 8}),
@@ -63,7 +67,12 @@ ABLATIONS = {"no_precise_bn": ("no precise batch norm (running statistics)", {"p
 AGGREGATIONS = ("mean", "max", "attention", "transformer")
 AXES = ("sagittal", "coronal", "axial")
 COHORT = {"n": 400, "resolution": 4, "seed": 0}
-AD_COHORT = {"n": 400, "resolution": 4, "seed": 1, "ad_fraction": 0.3}
+AD_COHORTS = {  # part: (cohort folder, simulate-cohort settings, title)
+    "ad": ("ad400", {"n": 400, "resolution": 4, "seed": 1, "ad_fraction": 0.3},
+           "cohort with 30 % AD (AD subjects 55 or older, controls 20-90: not age-matched)"),
+    "ad_matched": ("ad400_matched", {"n": 400, "resolution": 4, "seed": 1, "ad_fraction": 0.5, "age_min": 55},
+                   "age-matched cohort: half AD, everyone 55 or older (the demo's design)"),
+}
 OTHER_SITES = {"n": 150, "resolution": 4, "seed": 7, "n_sites": 5, "site_effect_sd": 0.3}
 TRANSFER_COHORTS = {
     "other_sites": (OTHER_SITES, "other seed, 5 sites whose ageing-effect mix varies with SD 0.3 (log)"),
@@ -192,12 +201,12 @@ def part_ablation(out: Path, seed: int, datalist: Path, names: list[str]) -> dic
             for name in names}
 
 
-def part_ad(out: Path, seeds: list[int], datalist: Path, brain_age_model: Path | None) -> dict:
-    runs = {seed: train_and_test(out / "ad" / f"seed{seed}", datalist, {"seed": seed}, ad=True) for seed in seeds}
+def part_ad(out: Path, part: str, seeds: list[int], datalist: Path, brain_age_model: Path | None) -> dict:
+    runs = {seed: train_and_test(out / part / f"seed{seed}", datalist, {"seed": seed}, ad=True) for seed in seeds}
     result = {"runs": runs}
     if brain_age_model is not None and brain_age_model.is_file():
         result["from_brain_age"] = {
-            seeds[0]: train_and_test(out / "ad" / f"from_brain_age_seed{seeds[0]}", datalist,
+            seeds[0]: train_and_test(out / part / f"from_brain_age_seed{seeds[0]}", datalist,
                                      {"seed": seeds[0], "init_weights": brain_age_model}, ad=True)}
     splits = read_datalist(datalist)
     result["baseline"] = ad_baseline(splits["training"], splits["validation"], splits["test"])
@@ -335,10 +344,10 @@ def markdown(results: dict, args) -> str:
                   f"ResNet-18 encoder (random init, mean pooling, sagittal): MAE {mean_sd(r['mae'] for r in resnet.values())}, "
                   f"training {mean_sd(r['train_seconds'] / 60 for r in resnet.values())} min; ImageNet weights need a "
                   "download, which this machine cannot make.", ""]
-    if "ad" in results:
-        part = results["ad"]
+    for name in (name for name in AD_COHORTS if name in results):
+        part, (_, settings, title) = results[name], AD_COHORTS[name]
         base = part["baseline"]
-        lines += [f"## AD detection, {AD_COHORT['n']}-subject cohort with {AD_COHORT['ad_fraction']:.0%} AD", "",
+        lines += [f"## AD detection, {settings['n']}-subject {title}", "",
                   "| model | test AUC (95 % bootstrap interval) | balanced accuracy |", "|---|---|---|"]
         for key, label in (("runs", "slice network from scratch"), ("from_brain_age", "slice network from the brain-age model")):
             for seed, r in part.get(key, {}).items():
@@ -346,6 +355,9 @@ def markdown(results: dict, args) -> str:
                              f"{r['balanced_accuracy']:.3f} |")
         lines += [f"| logistic regression on 8 mm voxels | {base['logistic_auc']:.3f} ({base['logistic_auc_ci95_low']:.3f}-"
                   f"{base['logistic_auc_ci95_high']:.3f}) | |"]
+        if "age_auc" in base:
+            lines.append(f"| the subject's age alone (no image; AD subjects are {AD_MIN_AGE:g} or older) | "
+                         f"{base['age_auc']:.3f} ({base['age_auc_ci95_low']:.3f}-{base['age_auc_ci95_high']:.3f}) | |")
         if "region_mean" in part:
             m = part["region_mean"]
             lines.append(f"| mean intensity in the simulator's medial-temporal AD region (no fitting; knows where AD acts) | "
@@ -400,14 +412,14 @@ def main() -> None:
     parser.add_argument("--docs", default=str(REPO / "bundles" / "slice_cnn_brainage" / "docs"))
     parser.add_argument("--ablations", nargs="+", choices=list(ABLATIONS), default=list(ABLATIONS),
                         help="which stabilisers the ablation part leaves out")
-    parser.add_argument("--ad_seeds", type=int, nargs="+", default=None, help="seeds of the ad part (default: --seeds)")
+    parser.add_argument("--ad_seeds", type=int, nargs="+", default=None, help="seeds of the ad parts (default: --seeds)")
     parser.add_argument("--ad_from_brain_age", type=lambda v: as_bool(v, "--ad_from_brain_age"), default=True,
-                        help="the ad part also trains a detector started from the first default model")
+                        help="the ad parts also train a detector started from the first default model")
     parser.add_argument("--n", type=int, default=COHORT["n"], help="subjects in each simulated cohort")
     parser.add_argument("--overrides", default="{}", help="JSON dict of bundle overrides for every run")
     args = parser.parse_args()
     EXTRA_OVERRIDES.update(json.loads(args.overrides))
-    for settings in (COHORT, AD_COHORT):
+    for settings in (COHORT, *(settings for _, settings, _ in AD_COHORTS.values())):
         settings["n"] = args.n
     out = Path(args.out).resolve()
     parts = [p for p in args.parts.split(",") if p]
@@ -429,8 +441,9 @@ def main() -> None:
             results["small"] = part_small(out, args.seeds, datalist, args.n_small)
         elif part == "variants":
             results["variants"] = part_variants(out, args.seeds, datalist, args.variant_epochs)
-        elif part == "ad":
-            results["ad"] = part_ad(out, args.ad_seeds or args.seeds, cohort(out, "ad400", AD_COHORT),
+        elif part in AD_COHORTS:
+            folder, settings, _ = AD_COHORTS[part]
+            results[part] = part_ad(out, part, args.ad_seeds or args.seeds, cohort(out, folder, settings),
                                     default_root / "models" / "model.pt" if args.ad_from_brain_age else None)
         elif part == "ablation":
             results["ablation"] = part_ablation(out, args.seeds[0], datalist, args.ablations)

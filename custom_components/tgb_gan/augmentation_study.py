@@ -22,7 +22,7 @@ from monai.bundle import run as run_bundle
 from monai.metrics import MultiScaleSSIMMetric
 from scipy import stats
 
-from brainage_core.datalist import read_datalist, synthetic_records, write_datalist
+from brainage_core.datalist import read_datalist, write_datalist
 from brainage_core.options import as_bool
 from brainage_core.volumes import atomic_path
 from custom_components.common.handlers import write_csv
@@ -227,8 +227,9 @@ class AugmentationStudy:
         model = self.check_model
         judge = self.downstream_root(model, REAL, self.seeds[1])
         real_mae = float(np.mean(list(judge_errors.values())))
-        synthetic = synthetic_records(datalist)
-        real = [r for r in read_datalist(datalist)["training"] if not r.get("synthetic")]
+        training = read_datalist(datalist)["training"]
+        synthetic = [r for r in training if r.get("synthetic")]
+        real = [r for r in training if not r.get("synthetic")]
         recon_mae = np.mean(list(_test_errors(self._score(model, judge, f"{variant}_reconstructed_test", real,
                                                           self.reconstructed_test_set(variant))).values()))
         syn_mae = np.mean(list(_test_errors(self._score(model, judge, f"{variant}_synthetic", real,

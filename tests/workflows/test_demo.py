@@ -61,6 +61,13 @@ def test_toy_demo_runs_every_step_and_records_its_command_log_and_time(toy_demo)
 
 
 @pytest.mark.slow
+def test_toy_demo_starts_the_ad_detector_from_the_real_only_brain_age_model(toy_demo):
+    steps = {re.sub(r"^\d\d_", "", s["name"]): s for s in json.loads((toy_demo / "steps.json").read_text())["steps"]}
+    brain_age_model = DemoLayout(toy_demo).slice_real / "models" / "model.pt"
+    assert f"network initialised from {brain_age_model} " in Path(steps["train_ad"]["log"]).read_text()
+
+
+@pytest.mark.slow
 def test_toy_demo_trains_on_real_plus_synthetic_and_evaluates_both(toy_demo):
     at = DemoLayout(toy_demo)
     synthetic = json.loads(at.synthetic_datalist.read_text())

@@ -40,6 +40,18 @@ def test_logistic_baseline_detects_a_separable_label(tmp_path):
     assert detection["logistic_auc"] > 0.95
     assert detection["logistic_auc_ci95_low"] <= detection["logistic_auc"] <= detection["logistic_auc_ci95_high"]
     assert detection["n_test"] == 40
+    # the label is age > 55 here, so age alone separates it perfectly
+    assert detection["age_auc"] == 1.0
+
+
+def test_age_alone_scores_chance_when_ad_and_cn_are_age_matched(tmp_path):
+    ages = np.linspace(20, 90, 40)
+    train, val, test = (_records(tmp_path, f"{split}_", ages, seed=k) for k, split in enumerate(("tr", "va", "te")))
+    for i, rec in enumerate(test):
+        rec["label"] = i % 2  # alternate along the sorted ages: the same age spread in both groups
+    detection = ad_baseline(train, val, test)
+    assert abs(detection["age_auc"] - 0.5) < 0.05
+    assert detection["age_auc_ci95_low"] < 0.5 < detection["age_auc_ci95_high"]
 
 
 def test_region_mean_scores_atrophy_only_where_it_acts(tmp_path):
