@@ -195,10 +195,10 @@ def part_variants(out: Path, seeds: list[int], datalist: Path, epochs: int) -> d
 
 
 def part_ablation(out: Path, seed: int, datalist: Path, names: list[str]) -> dict:
-    """The default config without some of its stabilisers (``names`` of ABLATIONS), one seed (the first
-    default seed is the reference)."""
-    return {name: train_and_test(out / "ablation" / name, datalist, {"seed": seed, **ABLATIONS[name][1]})
-            for name in names}
+    """The default config without some of its stabilisers (``names`` of ABLATIONS), one seed (the default
+    run of the same seed is the reference)."""
+    return {"seed": seed, "runs": {name: train_and_test(out / "ablation" / name, datalist,
+                                                        {"seed": seed, **ABLATIONS[name][1]}) for name in names}}
 
 
 def part_ad(out: Path, part: str, seeds: list[int], datalist: Path, brain_age_model: Path | None) -> dict:
@@ -320,11 +320,12 @@ def markdown(results: dict, args) -> str:
         if key == "default":
             lines += ["![learning curves](figures/learning_curves.png)", ""]
     if "ablation" in results and "default" in results:
-        first = next(iter(results["default"]["runs"].values()))
-        lines += ["## What each stabiliser does (first seed)", "",
+        seed = results["ablation"]["seed"]
+        reference = {str(k): r for k, r in results["default"]["runs"].items()}[str(seed)]
+        lines += [f"## What each stabiliser does (seed {seed})", "",
                   "| config | test MAE | test r | worst validation MAE after epoch 10 / best so far | "
                   "last validation MAE / after linear calibration |", "|---|---|---|---|---|"]
-        for name, r in [("default", first), *((ABLATIONS[k][0], r) for k, r in results["ablation"].items())]:
+        for name, r in [("default", reference), *((ABLATIONS[k][0], r) for k, r in results["ablation"]["runs"].items())]:
             lines.append(f"| {name} | {r['mae']:.2f} | {r['pearson_r']:.3f} | "
                          f"{stability(r['curve'])['max_ratio_to_best']:.2f} | {r['last_validation']['mae']:.2f} / "
                          f"{r['last_validation']['calibrated_mae']:.2f} |")
