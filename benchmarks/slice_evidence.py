@@ -70,7 +70,7 @@ COHORT = {"n": 400, "resolution": 4, "seed": 0}
 AD_COHORTS = {  # part: (cohort folder, simulate-cohort settings, title)
     "ad": ("ad400", {"n": 400, "resolution": 4, "seed": 1, "ad_fraction": 0.3},
            "cohort with 30 % AD (AD subjects 55 or older, controls 20-90: not age-matched)"),
-    "ad_matched": ("ad400_matched", {"n": 400, "resolution": 4, "seed": 1, "ad_fraction": 0.5, "age_min": 55},
+    "ad_matched": ("ad400_matched", {"n": 400, "resolution": 4, "seed": 1, "ad_fraction": 0.5, "age_min": AD_MIN_AGE},
                    "age-matched cohort: half AD, everyone 55 or older (the demo's design)"),
 }
 OTHER_SITES = {"n": 150, "resolution": 4, "seed": 7, "n_sites": 5, "site_effect_sd": 0.3}

@@ -11,7 +11,7 @@ split, synthesise age-balanced volumes and map age-related regions (scored again
 truth); train and evaluate the slice network on real data only and on real + synthetic; train and evaluate
 the AD-detection variant, started from the real-only brain-age model (on an age-matched cohort a detector
 from scratch needs about 700 optimiser steps before it leaves chance, more than the demo can spend; the
-brain-age model's features cut that to about 200); preprocess the real IXI sample scans
+brain-age model's features cut that to about 200-350); preprocess the real IXI sample scans
 and predict their brain age; write the report.
 """
 from __future__ import annotations
@@ -31,6 +31,7 @@ from brainage_core.datalist import write_datalist
 from brainage_core.grid import canonical_grid
 from brainage_core.options import as_bool
 from brainage_core.volumes import InputError, atomic_path
+from data_prep.simulate import AD_MIN_AGE
 
 REPO = Path(__file__).resolve().parents[1]
 IXI_SAMPLE = REPO.parent / "shared" / "data" / "ixi_sample"
@@ -43,7 +44,6 @@ GAN_CONFIGS = Path("bundles") / "tgb_gan_augment" / "configs"
 # Its 16 epochs keep the warm-up share of its former 40 (400 of 560 iterations, 11 min of GAN): 160 of 224.
 DEMO_GAN = {"real_trained_branch": False, "warmup_iterations": 160}
 AD_FRACTION = 0.5
-AD_COHORT_AGE_MIN = 55.0  # the simulator's youngest AD age, so controls are age-matched
 
 
 @dataclass
@@ -203,7 +203,7 @@ def demo_steps(out: Path, settings: DemoSettings, ixi_datalist: Path | None) -> 
         Step("simulate_ad_cohort",
              py + ["simulate-cohort", "--n", str(s.n_ad_subjects), "--out", str(at.ad_cohort),
                    "--resolution", str(s.resolution), "--seed", str(s.seed + 1), "--ad_fraction", str(AD_FRACTION),
-                   "--age_min", str(AD_COHORT_AGE_MIN)],
+                   "--age_min", str(AD_MIN_AGE)],  # controls as old as the youngest AD
              str(at.ad_cohort)),
         Step("train_gan",
              bundle_run(gan_train_configs, bundle_root=at.gan, dataset_dir=at.cohort,
