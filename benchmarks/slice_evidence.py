@@ -28,7 +28,11 @@ Parts (``--parts``, default all):
   seed and sites, each site with its own mix of ageing effects; and the same with another overall mix)
   and, when present, on the ten real IXI heads of ``--ixi_dir`` preprocessed at 4 mm, beside ridge;
 - ``cues``: each default model on cohorts where one ageing effect alone ages the brain (``CUE_COHORTS``),
-  beside ridge: which of the simulator's effects the models read.
+  beside ridge: which of the simulator's effects the models read;
+- ``perturbations``: each default model on the test split with its volumes changed the way scanners and
+  pipelines differ (``PERTURBATIONS``: smoothed, sharpened, brain mask one voxel smaller), beside ridge: a
+  model whose mean gap moves by years when the image gets a little sharper reads texture as age, and
+  lands real scans at a seed-dependent offset.
 
 Writes ``<out>/results.json``, and ``evidence.md`` plus ``figures/learning_curves.png`` into ``--docs``
 (the slice bundle's docs). Run: ``python benchmarks/slice_evidence.py --out runs/evidence``.
@@ -48,6 +52,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pandas as pd
+from scipy import ndimage as ndi
 
 from brainage_core.datalist import read_datalist, write_datalist
 from brainage_core.options import as_bool
@@ -59,7 +64,7 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundles" / "slice_cnn_brainage" / "configs"
 TRAIN, EVALUATE = CONFIGS / "train.json", CONFIGS / "evaluate.json"
 TRAIN_AD, EVALUATE_AD = CONFIGS / "train_ad.json", CONFIGS / "evaluate_ad.json"
-PARTS = ("default", "small", "variants", "ad", "ad_matched", "transfer", "ablation", "cues")
+PARTS = ("default", "small", "variants", "ad", "ad_matched", "transfer", "ablation", "cues", "perturbations")
 ABLATIONS = {"no_precise_bn": ("no precise batch norm (running statistics)", {"precise_bn_batches": 0}),
              "augmented_precise_bn": ("precise batch norm from 8 shuffled augmented batches (the default before 0.4.0)",
                                       {"precise_bn_augmented": True, "precise_bn_batches": 8}),
@@ -83,6 +88,21 @@ TRANSFER_COHORTS = {
 EFFECTS = ("ventricle", "atrophy", "contrast", "lesion")  # the simulator's ageing effects (simulate-cohort --*_scale)
 CUE_COHORTS = {effect: {"n": 90, "resolution": 4, "seed": 11, **{f"{e}_scale": float(e == effect) for e in EFFECTS}}
                for effect in EFFECTS}
+
+
+def _inside_brain(image: np.ndarray, changed: np.ndarray) -> np.ndarray:
+    return np.where(image > 0, changed, 0.0)
+
+
+PERTURBATIONS = {  # name: (label, function of one skull-stripped volume)
+    "none": ("test split as it is", lambda v: v),
+    "blur0.5": ("smoothed inside the brain (Gaussian, sigma 0.5 voxel = 2 mm)",
+                lambda v: _inside_brain(v, ndi.gaussian_filter(v, 0.5))),
+    "blur1": ("smoothed inside the brain (sigma 1 voxel)", lambda v: _inside_brain(v, ndi.gaussian_filter(v, 1.0))),
+    "sharpened": ("sharpened inside the brain (v + (v - Gaussian sigma 1 voxel of v))",
+                  lambda v: _inside_brain(v, 2.0 * v - ndi.gaussian_filter(v, 1.0))),
+    "eroded": ("brain mask one voxel smaller (binary erosion)", lambda v: np.where(ndi.binary_erosion(v > 0), v, 0.0)),
+}
 
 
 # ------------------------------------------------------------------------------------------- running
@@ -149,6 +169,23 @@ def calibration_check(predictions_csv: Path) -> dict:
     slope, intercept = np.polyfit(predicted, age, 1)
     return {"mae": float(np.abs(predicted - age).mean()),
             "calibrated_mae": float(np.abs(slope * predicted + intercept - age).mean())}
+
+
+def perturbed_test_split(datalist: Path, name: str, folder: Path) -> Path:
+    """The test split of ``datalist`` with every volume changed by ``PERTURBATIONS[name]``, written once
+    under ``folder`` (float32 NIfTI, the same affine), as a datalist of its own."""
+    out = folder.with_suffix(".json")
+    if not out.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        records = []
+        for record in read_datalist(datalist)["test"]:
+            image = nib.load(record["image"])
+            changed = PERTURBATIONS[name][1](image.get_fdata(dtype=np.float32)).astype(np.float32)
+            path = folder / Path(record["image"]).name
+            nib.save(nib.Nifti1Image(changed, image.affine), path)
+            records.append({**record, "image": str(path)})
+        write_datalist(out, {"test": records})
+    return out
 
 
 def score_on(root: Path, datalist: Path, name: str) -> dict:
@@ -230,12 +267,7 @@ def part_transfer(out: Path, model_roots: dict, datalist: Path, ixi_dir: Path | 
             run([sys.executable, "-m", "data_prep", "preprocess", "--datalist", str(raw), "--out_dir", str(prepared),
                  "--resolution", str(COHORT["resolution"])], out / "logs" / "preprocess_ixi.log")
         elsewhere["ixi"] = prepared / "datalist.json"
-    result = {name: {seed: score_on(root, path, name) for seed, root in model_roots.items()}
-              for name, path in elsewhere.items()}
-    splits = read_datalist(datalist)
-    ridge = age_baselines(splits["training"], splits["validation"], splits["test"],
-                          elsewhere={name: read_datalist(path)["test"] for name, path in elsewhere.items()})
-    return {"network": result, "ridge": {name: ridge[f"ridge_{name}"] for name in elsewhere}}
+    return scored_elsewhere(model_roots, datalist, elsewhere)
 
 
 def part_cues(out: Path, model_roots: dict, datalist: Path) -> dict:
@@ -243,12 +275,24 @@ def part_cues(out: Path, model_roots: dict, datalist: Path) -> dict:
     brain (the others at 0), beside ridge fitted on the models' training split."""
     alone = {effect: all_as_test(cohort(out, f"cue_{effect}", settings), out / "data" / f"cue_{effect}_all.json")
              for effect, settings in CUE_COHORTS.items()}
-    result = {effect: {seed: score_on(root, path, f"cue_{effect}") for seed, root in model_roots.items()}
-              for effect, path in alone.items()}
+    return scored_elsewhere(model_roots, datalist, alone, prefix="cue_")
+
+
+def part_perturbations(out: Path, model_roots: dict, datalist: Path) -> dict:
+    """Each trained model on the test split with its volumes perturbed (``PERTURBATIONS``), beside ridge."""
+    changed = {name: perturbed_test_split(datalist, name, out / "data" / f"perturbed_{name}") for name in PERTURBATIONS}
+    return scored_elsewhere(model_roots, datalist, changed, prefix="perturbed_")
+
+
+def scored_elsewhere(model_roots: dict, datalist: Path, elsewhere: dict, prefix: str = "") -> dict:
+    """Each model (seed -> bundle root) and ridge fitted on ``datalist``'s training split, scored on every
+    subject of each datalist in ``elsewhere`` (name -> path; ``prefix`` + name names the output folders)."""
+    result = {name: {seed: score_on(root, path, prefix + name) for seed, root in model_roots.items()}
+              for name, path in elsewhere.items()}
     splits = read_datalist(datalist)
     ridge = age_baselines(splits["training"], splits["validation"], splits["test"],
-                          elsewhere={effect: read_datalist(path)["test"] for effect, path in alone.items()})
-    return {"network": result, "ridge": {effect: ridge[f"ridge_{effect}"] for effect in alone}}
+                          elsewhere={name: read_datalist(path)["test"] for name, path in elsewhere.items()})
+    return {"network": result, "ridge": {name: ridge[f"ridge_{name}"] for name in elsewhere}}
 
 
 # ------------------------------------------------------------------------------------------ reporting
@@ -381,6 +425,14 @@ def markdown(results: dict, args) -> str:
                   "of the simulator's ageing effects alone ages the brain (`simulate-cohort --<effect>_scale 1`, the "
                   "others 0), scored by the default models and by ridge as trained above.", ""]
         lines += scored_table(results["cues"], {effect: f"{effect} alone" for effect in EFFECTS}) + [""]
+    if "perturbations" in results:
+        lines += ["## Does the model read texture as age?", "",
+                  "The default models and ridge on the test split with every volume changed the way scanners and "
+                  "preprocessing pipelines differ. A mean gap that moves by years when the image is a little "
+                  "smoother or sharper means the model reads texture as age; nothing in simulated training data fixes "
+                  "how real scans' texture maps to age, so such a model lands them at an offset that depends on "
+                  "its training seed (the slice README, \"Texture read as age\").", ""]
+        lines += scored_table(results["perturbations"], {name: label for name, (label, _) in PERTURBATIONS.items()}) + [""]
     return "\n".join(lines)
 
 
@@ -448,12 +500,14 @@ def main() -> None:
                                     default_root / "models" / "model.pt" if args.ad_from_brain_age else None)
         elif part == "ablation":
             results["ablation"] = part_ablation(out, args.seeds[0], datalist, args.ablations)
-        elif part in ("transfer", "cues"):
+        elif part in ("transfer", "cues", "perturbations"):
             roots = {seed: out / "default" / f"seed{seed}" for seed in args.seeds}
             if not all((root / "models" / "model.pt").is_file() for root in roots.values()):
                 results["default"] = part_default(out, args.seeds, datalist)
-            results[part] = (part_transfer(out, roots, datalist, Path(args.ixi_dir) if args.ixi_dir else None)
-                             if part == "transfer" else part_cues(out, roots, datalist))
+            if part == "transfer":
+                results[part] = part_transfer(out, roots, datalist, Path(args.ixi_dir) if args.ixi_dir else None)
+            else:
+                results[part] = (part_cues if part == "cues" else part_perturbations)(out, roots, datalist)
         results_file.parent.mkdir(parents=True, exist_ok=True)
         results_file.write_text(json.dumps(results, indent=1, default=str))
         print(f"{part}: done", flush=True)
