@@ -134,6 +134,12 @@ def _f(value, digits: int = 2) -> str:
     return "n/a" if value is None or not np.isfinite(float(value)) else f"{float(value):.{digits}f}"
 
 
+def _auc_cell(metrics: dict, prefix: str) -> str:
+    """``<prefix>auc`` with its bootstrap interval, as "0.987 (0.963-1.000)"."""
+    return (f"{_f(metrics[prefix + 'auc'], 3)} ({_f(metrics[prefix + 'auc_ci95_low'], 3)}-"
+            f"{_f(metrics[prefix + 'auc_ci95_high'], 3)})")
+
+
 def _duration(seconds: float) -> str:
     minutes, rest = divmod(float(seconds), 60)
     return f"{int(minutes)} min {rest:04.1f} s" if minutes else f"{rest:.1f} s"
@@ -226,12 +232,9 @@ def ad_section(at: DemoLayout) -> list[tuple]:
                   "AUC with its bootstrap 95 % interval; logistic regression on voxels fitted on the same training "
                   "subjects."),
         table(["model", "AUC (95 % interval)", "accuracy", "balanced accuracy"],
-              [["slice network", f"{_f(m['auc'], 3)} ({_f(m['auc_ci95_low'], 3)}-{_f(m['auc_ci95_high'], 3)})",
-                _f(m["accuracy"], 3), _f(m["balanced_accuracy"], 3)],
-               ["logistic regression on 8 mm voxels", f"{_f(base['logistic_auc'], 3)} ({_f(base['logistic_auc_ci95_low'], 3)}"
-                f"-{_f(base['logistic_auc_ci95_high'], 3)})", "", ""],
-               ["the subject's age alone (no image: the groups are age-matched)",
-                f"{_f(base['age_auc'], 3)} ({_f(base['age_auc_ci95_low'], 3)}-{_f(base['age_auc_ci95_high'], 3)})", "", ""]]),
+              [["slice network", _auc_cell(m, ""), _f(m["accuracy"], 3), _f(m["balanced_accuracy"], 3)],
+               ["logistic regression on 8 mm voxels", _auc_cell(base, "logistic_"), "", ""],
+               ["the subject's age alone (no image: the groups are age-matched)", _auc_cell(base, "age_"), "", ""]]),
         image(_required(at.slice_ad / "eval" / "test_roc.png", "evaluate_ad"), "ROC curve of the AD detector"),
         image(_required(at.slice_ad / "eval" / "learning_curve.png", "train_ad"), "learning curve of the AD detector"),
     ]
