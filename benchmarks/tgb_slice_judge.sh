@@ -17,9 +17,10 @@ BLUR=${2:-0.5}
 SLICE=bundles/slice_cnn_brainage/configs
 SJ=$OUT/slice_judge_blur$BLUR
 # The judge keeps the slice recipe its figures were measured with (precise batch norm from 8 augmented batches,
-# the slice bundle's default before 0.4.0), like the tgb branch and 3D judge (train.json's branch_regressor_overrides).
+# the slice bundle's default before 0.4.0; no fixed input smoothing, its default before 0.5.0), like the tgb
+# branch and 3D judge (train.json's branch_regressor_overrides).
 COMMON=(--dataset_dir "$OUT/cohort400" --bundle_root "$SJ" --seed 1 --augment_blur_prob "$BLUR"
-        --precise_bn_augmented true --precise_bn_batches 8)
+        --input_smoothing_sigma 0 --precise_bn_augmented true --precise_bn_batches 8)
 EVAL=(python -m monai.bundle run --config_file "['$SLICE/train.json','$SLICE/evaluate.json']" "${COMMON[@]}")
 mkdir -p "$SJ"
 [ -f "$SJ/models/checkpoint_last.pt" ] || python -m monai.bundle run --config_file "$SLICE/train.json" \

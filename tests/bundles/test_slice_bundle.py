@@ -146,6 +146,32 @@ def test_blur_augmentation_is_off_by_default_and_smooths_at_the_configured_rate(
     assert blur.prob == 0.5 and tuple(blur.rand_smooth.sigma_x) == (0.5, 1.0)
 
 
+def test_training_and_inference_smooth_every_input_alike_by_default(trained, cohort, tmp_path):
+    """A fixed Gaussian (input_smoothing_sigma voxels) before normalisation, the same in train.json's
+    validation and inference.json, so a model never sees texture finer than it was trained on; 0 switches
+    it off in both."""
+    record = json.loads((cohort / "datalist.json").read_text())["test"][0]
+    record = {"image": str(cohort / record["image"]), "age": record["age"]}  # the datalist's paths are relative
+
+    def volumes(**override):
+        train = _workflow(_configs("train"), tmp_path / "train", cohort, **override).parser
+        inference = ConfigWorkflow(config_file=str(CONFIGS / "inference.json"), meta_file=str(META),
+                                   bundle_root=str(trained), dataset_dir=str(cohort), **{**TINY, **override})
+        inference.initialize()
+        return [parser.get_parsed_content(key)(dict(record))["image"]
+                for parser, key in ((train, "validate#preprocessing"), (inference.parser, "preprocessing"))]
+
+    smoothed, smoothed_at_inference = volumes()
+    sharp, sharp_at_inference = volumes(input_smoothing_sigma=0)
+    torch.testing.assert_close(torch.as_tensor(smoothed_at_inference), torch.as_tensor(smoothed))
+    torch.testing.assert_close(torch.as_tensor(sharp_at_inference), torch.as_tensor(sharp))
+
+    def roughness(volume):  # mean absolute difference between neighbouring voxels along each axis
+        return sum(torch.diff(volume, dim=axis).abs().mean() for axis in (1, 2, 3))
+
+    assert roughness(smoothed) < 0.8 * roughness(sharp)
+
+
 def test_histogram_shift_augmentation_is_off_by_default_and_remaps_intensities_at_the_configured_rate(tmp_path, cohort):
     def shifts(**override):
         parser = _workflow(_configs("train"), tmp_path, cohort, **override).parser

@@ -112,6 +112,7 @@ def test_default_branch_is_a_regressor_trained_on_the_real_volumes_first(trained
     branch = root / "branch_regressor"
     args = json.loads((branch / "branch_regressor_args.json").read_text())
     assert args["seed"] == 0 and args["dataset_dir"] == str(cohort) and args["augment_blur_prob"] == 0.5
+    assert args["input_smoothing_sigma"] == 0  # the slice recipe this bundle's figures were measured with
     assert args["network_def#channels"] == [2, 4] and args["train#trainer#max_epochs"] == 1
     assert (branch / "eval" / "learning_curve.csv").is_file()  # a whole bundle run, its validation included
     regressor = torch.load(branch / "models" / "model.pt", weights_only=True)
