@@ -174,7 +174,7 @@ def calibration_check(predictions_csv: Path) -> dict:
 def perturbed_test_split(datalist: Path, name: str, folder: Path) -> Path:
     """The test split of ``datalist`` with every volume changed by ``PERTURBATIONS[name]``, written once
     under ``folder`` (float32 NIfTI, the same affine), as a datalist of its own."""
-    out = folder.with_suffix(".json")
+    out = folder.parent / f"{folder.name}.json"  # not with_suffix: the name "blur0.5" has a dot
     if not out.is_file():
         folder.mkdir(parents=True, exist_ok=True)
         records = []
