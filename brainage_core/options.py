@@ -29,6 +29,17 @@ def as_bool(value, name: str = "option") -> bool:
     raise ValueError(f"{name} must be true or false, got {value!r}")
 
 
+def as_non_negative(value, name: str = "option") -> float:
+    """``value`` as a float >= 0 (a number or its text); else ValueError naming the option."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not number >= 0:  # NaN too
+        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    return number
+
+
 def as_names(value) -> list[str]:
     """``value`` as a list of names: "a,b" (spaces around each stripped) or a sequence."""
     return [s.strip() for s in value.split(",")] if isinstance(value, str) else [str(s) for s in value]

@@ -172,6 +172,16 @@ def test_training_and_inference_smooth_every_input_alike_by_default(trained, coh
     assert roughness(smoothed) < 0.8 * roughness(sharp)
 
 
+@pytest.mark.parametrize("config, key", [("train", "validate#preprocessing"), ("inference", "preprocessing")])
+def test_a_negative_input_smoothing_sigma_is_an_error_naming_the_key(tmp_path, cohort, config, key):
+    parser = ConfigParser()
+    parser.read_config(_configs(config))
+    parser.update({"bundle_root": str(tmp_path), "dataset_dir": str(cohort), **TINY, "input_smoothing_sigma": -0.5})
+    with pytest.raises(RuntimeError) as failure:  # MONAI's "Failed to evaluate ConfigExpression", from ours
+        parser.get_parsed_content(key)
+    assert "input_smoothing_sigma must be a number >= 0, got -0.5" in str(failure.value.__cause__)
+
+
 def test_histogram_shift_augmentation_is_off_by_default_and_remaps_intensities_at_the_configured_rate(tmp_path, cohort):
     def shifts(**override):
         parser = _workflow(_configs("train"), tmp_path, cohort, **override).parser
