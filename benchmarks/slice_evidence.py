@@ -13,7 +13,10 @@ Parts (``--parts``, default all):
 - ``small``: the same with only the first ``--n_small`` training subjects, ridge on the same subjects;
 - ``variants``: aggregation (mean, max, attention, transformer) x position embedding x slice axis, one
   seed each, then the best four with two more seeds; sfcn2d against ResNet-18 (random init: ImageNet
-  weights cannot be downloaded here); ``--variant_epochs`` each (the default schedule, shorter: 32 runs);
+  weights cannot be downloaded here); ``--variant_epochs`` each (the default schedule, shorter: 33 runs).
+  Its own page, ``variants.md`` in ``--docs``, made from ``variants.json`` beside it: every finished run
+  is added to that file at once, and a run it holds is not repeated, so the 33 runs may spread over
+  several sessions and checkouts (commit the file);
 - ``ad``: the AD detector on a 400-subject cohort with 30 % AD (AD subjects 55 or older, controls of any
   age): test AUC with its bootstrap 95 % interval, from scratch (``--ad_seeds``) and, unless
   ``--ad_from_brain_age false``, started from the first default brain-age model (first seed), against
@@ -36,17 +39,25 @@ Parts (``--parts``, default all):
 
 Writes ``<out>/results.json``, and ``evidence.md`` plus ``figures/learning_curves.png`` into ``--docs``
 (the slice bundle's docs). Run: ``python benchmarks/slice_evidence.py --out runs/evidence``.
+
+``--jobs N`` trains up to N independent runs of a part side by side, each with 1/N of the CPU's cores as
+torch threads. On a 2-core CPU a training keeps about 1.35 cores busy (its data pipeline runs between
+steps in the same process), so two 1-thread trainings side by side each take about as long as one
+2-thread training alone: twice the throughput.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
 import json
+import os
 import platform
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import nibabel as nib
@@ -56,9 +67,10 @@ from scipy import ndimage as ndi
 
 from brainage_core.datalist import read_datalist, write_datalist
 from brainage_core.options import as_bool
+from brainage_core.volumes import atomic_path
 from custom_components.slice_cnn.baselines import ad_baseline, age_baselines, region_mean_auc
 from data_prep.simulate import AD_MIN_AGE
-from workflows.demo import bundle_run, children_cpu_seconds
+from workflows.demo import bundle_run
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundles" / "slice_cnn_brainage" / "configs"
@@ -108,16 +120,32 @@ PERTURBATIONS = {  # name: (label, function of one skull-stripped volume)
 # ------------------------------------------------------------------------------------------- running
 
 
+JOBS = 1  # --jobs: runs of a part trained side by side
+
+
+def in_parallel(function, items: list) -> list:
+    """``function(*item)`` for every item, ``JOBS`` at a time (threads: each runs a subprocess)."""
+    with ThreadPoolExecutor(max_workers=JOBS) as pool:
+        return list(pool.map(lambda item: function(*item), items))
+
+
 def run(argv: list[str], log: Path) -> dict:
     """Run a command from the repository root, output to ``log``; return its wall and CPU (user + system,
-    all cores) seconds. CPU time hardly depends on other load on the machine; wall time does."""
+    all cores) seconds. CPU time hardly depends on other load on the machine; wall time does. With
+    ``JOBS`` > 1 the command gets 1/JOBS of the cores as torch threads."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    start, cpu_start = time.perf_counter(), children_cpu_seconds()
+    env = dict(os.environ)
+    if JOBS > 1:
+        threads = str(max(1, (os.cpu_count() or 1) // JOBS))
+        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    start = time.perf_counter()
     with open(log, "a") as handle:
-        code = subprocess.run(argv, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT).returncode
+        process = subprocess.Popen(argv, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(process.pid, 0)  # this child's own CPU time, whatever else runs
+    process.returncode = code = os.waitstatus_to_exitcode(status)
     if code != 0:
         raise RuntimeError(f"command failed (exit {code}), see {log}: {' '.join(map(str, argv))}")
-    return {"seconds": time.perf_counter() - start, "cpu_seconds": children_cpu_seconds() - cpu_start}
+    return {"seconds": time.perf_counter() - start, "cpu_seconds": usage.ru_utime + usage.ru_stime}
 
 
 def cohort(out: Path, name: str, settings: dict) -> Path:
@@ -201,7 +229,8 @@ def score_on(root: Path, datalist: Path, name: str) -> dict:
 
 
 def part_default(out: Path, seeds: list[int], datalist: Path, tag: str = "default") -> dict:
-    runs = {seed: train_and_test(out / tag / f"seed{seed}", datalist, {"seed": seed}) for seed in seeds}
+    measured = in_parallel(train_and_test, [(out / tag / f"seed{seed}", datalist, {"seed": seed}) for seed in seeds])
+    runs = dict(zip(seeds, measured))
     splits = read_datalist(datalist)
     return {"runs": runs, "baselines": age_baselines(splits["training"], splits["validation"], splits["test"])}
 
@@ -214,21 +243,46 @@ def part_small(out: Path, seeds: list[int], datalist: Path, n_small: int) -> dic
     return part_default(out, seeds, small, tag=f"train{n_small}")
 
 
-def part_variants(out: Path, seeds: list[int], datalist: Path, epochs: int) -> dict:
-    rows = {}
-    for aggregation, position, axis in itertools.product(AGGREGATIONS, (False, True), AXES):
-        name = f"{aggregation}_{'pe' if position else 'nope'}_{axis}"
-        overrides = {"network_def#aggregation": aggregation, "network_def#position_embedding": position,
-                     "network_def#slice_axis": axis, "seed": seeds[0], "train#trainer#max_epochs": epochs}
-        rows[name] = {"overrides": overrides, "runs": {seeds[0]: train_and_test(out / "variants" / name, datalist, overrides)}}
-    best = sorted(rows, key=lambda name: rows[name]["runs"][seeds[0]]["mae"])[:4]
-    for name in best:
-        for seed in seeds[1:]:
-            overrides = {**rows[name]["overrides"], "seed": seed}
-            rows[name]["runs"][seed] = train_and_test(out / "variants" / f"{name}_seed{seed}", datalist, overrides)
-    resnet = {"network_def#encoder": "resnet18", "seed": seeds[0], "train#trainer#max_epochs": epochs}
-    rows["resnet18"] = {"overrides": resnet, "runs": {seeds[0]: train_and_test(out / "variants" / "resnet18", datalist, resnet)}}
-    return {"rows": rows, "best": best, "epochs": epochs}
+def variant_grid(epochs: int) -> dict:
+    """Run name -> overrides of the variant table's rows (seed apart): every aggregation x position
+    embedding x slice axis with the sfcn2d encoder, and the ResNet-18 encoder at the default's settings."""
+    rows = {f"{aggregation}_{'pe' if position else 'nope'}_{axis}": {
+        "network_def#aggregation": aggregation, "network_def#position_embedding": position,
+        "network_def#slice_axis": axis, "train#trainer#max_epochs": epochs}
+        for aggregation, position, axis in itertools.product(AGGREGATIONS, (False, True), AXES)}
+    return {**rows, "resnet18": {"network_def#encoder": "resnet18", "train#trainer#max_epochs": epochs}}
+
+
+def part_variants(out: Path, seeds: list[int], datalist: Path, epochs: int, store: Path) -> dict:
+    """The variant table: every row with ``seeds[0]`` (the ResNet-18 row too), then the best four sfcn2d rows
+    with the other seeds. Each finished run goes into ``store`` at once; a run already there is reused."""
+    part = json.loads(store.read_text()) if store.is_file() else {"epochs": epochs, "rows": {}}
+    if part["epochs"] != epochs:
+        raise SystemExit(f"{store} holds runs of {part['epochs']} epochs, not --variant_epochs {epochs}: "
+                         "move it away to start a new table")
+    grid, lock = variant_grid(epochs), threading.Lock()
+
+    def measure(name: str, seed: int) -> None:
+        if str(seed) in part["rows"].get(name, {}).get("runs", {}):
+            return
+        folder = out / "variants" / (name if seed == seeds[0] else f"{name}_seed{seed}")
+        result = train_and_test(folder, datalist, {**grid[name], "seed": seed})
+        with lock:
+            row = part["rows"].setdefault(name, {"overrides": grid[name], "runs": {}})
+            row["runs"][str(seed)] = {**result, "jobs": JOBS, "cpu": cpu_features()}
+            store.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(store) as tmp:
+                tmp.write_text(json.dumps(part, indent=1, default=str) + "\n")
+
+    sfcn = [name for name in grid if name != "resnet18"]
+    with ThreadPoolExecutor(max_workers=JOBS) as pool:  # the slowest run first, beside the rest
+        resnet = pool.submit(measure, "resnet18", seeds[0])
+        list(pool.map(measure, sfcn, [seeds[0]] * len(sfcn)))
+        part["best"] = sorted(sfcn, key=lambda name: part["rows"][name]["runs"][str(seeds[0])]["mae"])[:4]
+        reruns = [(name, seed) for name in part["best"] for seed in seeds[1:]]
+        list(pool.map(measure, *zip(*reruns)) if reruns else [])
+        resnet.result()
+    return part
 
 
 def part_ablation(out: Path, seed: int, datalist: Path, names: list[str]) -> dict:
@@ -338,7 +392,9 @@ def markdown(results: dict, args) -> str:
              f"Made by `python benchmarks/slice_evidence.py --out {args.out} --parts "
              f"{','.join(p for p in PARTS if p in results)}` (each part may run on its own; finished runs are reused) "
              f"on {platform.processor() or platform.machine()} ({results['cpu']}), torch threads "
-             f"{results['threads']}. Every row is the bundle's train.json + evaluate.json with the overrides shown.",
+             f"{results['threads']}. Every row is the bundle's train.json + evaluate.json with the overrides shown. "
+             "The variant table (aggregation x position embedding x slice axis, ResNet-18) has its own page, "
+             "[variants.md](variants.md).",
              ""]
     for key, title in (("default", f"Default config, {COHORT['n']}-subject {COHORT['resolution']} mm cohort"),
                        ("small", f"Default config, first {args.n_small} training subjects")):
@@ -374,21 +430,6 @@ def markdown(results: dict, args) -> str:
                          f"{stability(r['curve'])['max_ratio_to_best']:.2f} | {r['last_validation']['mae']:.2f} / "
                          f"{r['last_validation']['calibrated_mae']:.2f} |")
         lines.append("")
-    if "variants" in results:
-        rows, best = results["variants"]["rows"], results["variants"]["best"]
-        lines += [f"## Variants (test MAE, years; each trained {results['variants']['epochs']} epochs)", "",
-                  "| aggregation | position embedding | " + " | ".join(AXES) + " |", "|---|---|---|---|---|"]
-        for aggregation, position in itertools.product(AGGREGATIONS, ("nope", "pe")):
-            cells = []
-            for axis in AXES:
-                runs = rows[f"{aggregation}_{position}_{axis}"]["runs"]
-                cells.append(mean_sd(r["mae"] for r in runs.values()) + (f" ({len(runs)} seeds)" if len(runs) > 1 else ""))
-            lines.append(f"| {aggregation} | {'on' if position == 'pe' else 'off'} | " + " | ".join(cells) + " |")
-        resnet = rows["resnet18"]["runs"]
-        lines += ["", f"Best four (then run with {len(args.seeds)} seeds): {', '.join(best)}. "
-                  f"ResNet-18 encoder (random init, mean pooling, sagittal): MAE {mean_sd(r['mae'] for r in resnet.values())}, "
-                  f"training {mean_sd(r['train_seconds'] / 60 for r in resnet.values())} min; ImageNet weights need a "
-                  "download, which this machine cannot make.", ""]
     for name in (name for name in AD_COHORTS if name in results):
         part, (_, settings, title) = results[name], AD_COHORTS[name]
         base = part["baseline"]
@@ -436,6 +477,75 @@ def markdown(results: dict, args) -> str:
     return "\n".join(lines)
 
 
+def variants_markdown(part: dict, args) -> str:
+    """The variant table's page: test MAE per row (mean +/- SD where several seeds ran), then every run."""
+    rows, grid = part["rows"], variant_grid(part["epochs"])
+    runs = [(name, seed, r) for name in grid for seed, r in rows.get(name, {}).get("runs", {}).items()]
+    carried = [r["source"] for _, _, r in runs if "source" in r]
+    lines = ["# Slice network: variants", "",
+             f"Made by `python benchmarks/slice_evidence.py --out {args.out} --parts variants --seeds "
+             f"{' '.join(map(str, args.seeds))} --variant_epochs {part['epochs']} --jobs {args.jobs}"
+             + (f" --overrides '{args.overrides}'" if json.loads(args.overrides) else "") + "` on the "
+             f"{COHORT['n']}-subject {COHORT['resolution']} mm cohort (seed {COHORT['seed']}, the default part's split "
+             "in evidence.md: ridge and the constant predictor are there). Each run is the default config with the "
+             f"overrides of its row, {part['epochs']} epochs (the default schedule, shorter); finished runs are kept "
+             f"in variants.json. {len(runs)} of {len(grid) + 4 * (len(args.seeds) - 1)} runs done.", "",
+             "## Test MAE (years)", "", "| aggregation | position embedding | " + " | ".join(AXES) + " |",
+             "|---|---|---|---|---|"]
+    for aggregation, position in itertools.product(AGGREGATIONS, ("nope", "pe")):
+        cells = []
+        for axis in AXES:
+            done = rows.get(f"{aggregation}_{position}_{axis}", {}).get("runs", {})
+            cells.append((mean_sd(r["mae"] for r in done.values()) + (f" ({len(done)} seeds)" if len(done) > 1 else ""))
+                         if done else "not run yet")
+        lines.append(f"| {aggregation} | {'on' if position == 'pe' else 'off'} | " + " | ".join(cells) + " |")
+    resnet = rows.get("resnet18", {}).get("runs", {})
+    lines += ["", f"Best four by the first seed's MAE (then {len(args.seeds)} seeds): {', '.join(part.get('best', [])) or 'not known yet'}. "
+              "ResNet-18 encoder (random init; mean pooling, no position embedding, sagittal, as the default): "
+              + (f"MAE {mean_sd(r['mae'] for r in resnet.values())}" if resnet else "not run yet")
+              + "; ImageNet weights need a download, which this machine cannot make.", "",
+              "![validation MAE per epoch](figures/variants_val_mae.png)", "", "## Every run", "",
+              "| row | seed | test MAE | test r | validation MAE, epoch 1 -> last | worst validation MAE after epoch 10 / "
+              "best so far | training min (wall / CPU) | trainings side by side |", "|---|---|---|---|---|---|---|---|"]
+    for name, seed, r in runs:
+        if "curve" in r:
+            mae = r["curve"]["val_mae"]
+            learned = f"{mae[0]:.1f} -> {mae[-1]:.2f} | {stability(r['curve'])['max_ratio_to_best']:.2f} | " \
+                      f"{r['train_seconds'] / 60:.1f} / {r['train_cpu_seconds'] / 60:.1f} | {r['jobs']}"
+        else:
+            learned = "| | |"
+        lines.append(f"| {name}{' *' if 'source' in r else ''} | {seed} | {r['mae']:.2f} | {r['pearson_r']:.3f} | {learned} |")
+    if carried:
+        lines += ["", f"\\* {carried[0]}"]
+    return "\n".join(lines)
+
+
+def plot_variant_curves(part: dict, path: Path) -> None:
+    """Validation MAE per epoch of every run with a learning curve, one panel per aggregation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(AGGREGATIONS) + 1, figsize=(16, 3.4), sharey=True)
+    for name, row in part["rows"].items():
+        ax = axes[-1] if name == "resnet18" else axes[AGGREGATIONS.index(name.split("_")[0])]
+        for seed, r in row["runs"].items():
+            if "curve" in r:
+                ax.plot(r["curve"]["epoch"], r["curve"]["val_mae"], lw=1, ls="-" if "_nope_" in name else "--",
+                        label=f"{name.split('_', 1)[-1]} s{seed}")
+    for ax, title in zip(axes, (*AGGREGATIONS, "resnet18")):
+        ax.set(xlabel="epoch", title=title, yscale="log")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=6)
+    axes[0].set_ylabel("validation MAE (years)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def scored_table(part: dict, labels: dict) -> list[str]:
     """Markdown rows of the network (mean +/- SD over seeds) and ridge on each dataset of ``part``."""
     lines = ["| data | n | MAE | Pearson r | mean gap | ridge MAE | ridge r | ridge mean gap |",
@@ -470,7 +580,11 @@ def main() -> None:
                         help="the ad parts also train a detector started from the first default model")
     parser.add_argument("--n", type=int, default=COHORT["n"], help="subjects in each simulated cohort")
     parser.add_argument("--overrides", default="{}", help="JSON dict of bundle overrides for every run")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="trainings side by side, each with cores / jobs torch threads (default, small, variants)")
     args = parser.parse_args()
+    global JOBS
+    JOBS = max(1, args.jobs)
     EXTRA_OVERRIDES.update(json.loads(args.overrides))
     for settings in (COHORT, *(settings for _, settings, _ in AD_COHORTS.values())):
         settings["n"] = args.n
@@ -492,8 +606,12 @@ def main() -> None:
             results["default"] = part_default(out, args.seeds, datalist)
         elif part == "small":
             results["small"] = part_small(out, args.seeds, datalist, args.n_small)
-        elif part == "variants":
-            results["variants"] = part_variants(out, args.seeds, datalist, args.variant_epochs)
+        elif part == "variants":  # its own page, from its own committed store
+            variants = part_variants(out, args.seeds, datalist, args.variant_epochs, Path(args.docs) / "variants.json")
+            plot_variant_curves(variants, Path(args.docs) / "figures" / "variants_val_mae.png")
+            (Path(args.docs) / "variants.md").write_text(variants_markdown(variants, args) + "\n")
+            print(f"{part}: done, {args.docs}/variants.md", flush=True)
+            continue
         elif part in AD_COHORTS:
             folder, settings, _ = AD_COHORTS[part]
             results[part] = part_ad(out, part, args.ad_seeds or args.seeds, cohort(out, folder, settings),
@@ -512,6 +630,8 @@ def main() -> None:
         results_file.write_text(json.dumps(results, indent=1, default=str))
         print(f"{part}: done", flush=True)
     docs = Path(args.docs)
+    if not set(results) & set(PARTS):  # the variants part alone: evidence.md stays as it is
+        return
     if "default" in results:
         plot_learning_curves(results["default"]["runs"], docs / "figures" / "learning_curves.png")
     for name in results.get("transfer", {}).get("network", {}):
