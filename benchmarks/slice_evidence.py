@@ -480,7 +480,8 @@ def markdown(results: dict, args) -> str:
 def variants_markdown(part: dict, args) -> str:
     """The variant table's page: test MAE per row (mean +/- SD where several seeds ran), then every run."""
     rows, grid = part["rows"], variant_grid(part["epochs"])
-    runs = [(name, seed, r) for name in grid for seed, r in rows.get(name, {}).get("runs", {}).items()]
+    runs = [(name, seed, r) for name in grid
+            for seed, r in sorted(rows.get(name, {}).get("runs", {}).items(), key=lambda item: int(item[0]))]
     carried = [r["source"] for _, _, r in runs if "source" in r]
     lines = ["# Slice network: variants", "",
              f"Made by `python benchmarks/slice_evidence.py --out {args.out} --parts variants --seeds "
