@@ -83,6 +83,7 @@ ABLATIONS = {"no_precise_bn": ("no precise batch norm (running statistics)", {"p
              "no_weight_averaging": ("no weight averaging", {"ema_epochs": 0})}
 AGGREGATIONS = ("mean", "max", "attention", "transformer")
 AXES = ("sagittal", "coronal", "axial")
+BEST_ROWS = 4  # variant rows run with every seed
 COHORT = {"n": 400, "resolution": 4, "seed": 0}
 AD_COHORTS = {  # part: (cohort folder, simulate-cohort settings, title)
     "ad": ("ad400", {"n": 400, "resolution": 4, "seed": 1, "ad_fraction": 0.3},
@@ -254,7 +255,7 @@ def variant_grid(epochs: int) -> dict:
 
 
 def part_variants(out: Path, seeds: list[int], datalist: Path, epochs: int, store: Path) -> dict:
-    """The variant table: every row with ``seeds[0]`` (the ResNet-18 row too), then the best four sfcn2d rows
+    """The variant table: every row with ``seeds[0]`` (the ResNet-18 row too), then the best ``BEST_ROWS`` sfcn2d rows
     with the other seeds. Each finished run goes into ``store`` at once; a run already there is reused."""
     part = json.loads(store.read_text()) if store.is_file() else {"epochs": epochs, "rows": {}}
     if part["epochs"] != epochs:
@@ -278,9 +279,8 @@ def part_variants(out: Path, seeds: list[int], datalist: Path, epochs: int, stor
     with ThreadPoolExecutor(max_workers=JOBS) as pool:  # the slowest run first, beside the rest
         resnet = pool.submit(measure, "resnet18", seeds[0])
         list(pool.map(measure, sfcn, [seeds[0]] * len(sfcn)))
-        part["best"] = sorted(sfcn, key=lambda name: part["rows"][name]["runs"][str(seeds[0])]["mae"])[:4]
-        reruns = [(name, seed) for name in part["best"] for seed in seeds[1:]]
-        list(pool.map(measure, *zip(*reruns)) if reruns else [])
+        part["best"] = sorted(sfcn, key=lambda name: part["rows"][name]["runs"][str(seeds[0])]["mae"])[:BEST_ROWS]
+        list(pool.map(lambda item: measure(*item), itertools.product(part["best"], seeds[1:])))
         resnet.result()
     return part
 
@@ -490,7 +490,7 @@ def variants_markdown(part: dict, args) -> str:
              f"{COHORT['n']}-subject {COHORT['resolution']} mm cohort (seed {COHORT['seed']}, the default part's split "
              "in evidence.md: ridge and the constant predictor are there). Each run is the default config with the "
              f"overrides of its row, {part['epochs']} epochs (the default schedule, shorter); finished runs are kept "
-             f"in variants.json. {len(runs)} of {len(grid) + 4 * (len(args.seeds) - 1)} runs done.", "",
+             f"in variants.json. {len(runs)} of {len(grid) + BEST_ROWS * (len(args.seeds) - 1)} runs done.", "",
              "## Test MAE (years)", "", "| aggregation | position embedding | " + " | ".join(AXES) + " |",
              "|---|---|---|---|---|"]
     for aggregation, position in itertools.product(AGGREGATIONS, ("nope", "pe")):
