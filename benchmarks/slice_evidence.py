@@ -68,6 +68,7 @@ from scipy import ndimage as ndi
 from brainage_core.datalist import read_datalist, write_datalist
 from brainage_core.options import as_bool
 from brainage_core.volumes import atomic_path
+from custom_components.common.hardware import threads_per_job
 from custom_components.slice_cnn.baselines import ad_baseline, age_baselines, region_mean_auc
 from data_prep.simulate import AD_MIN_AGE
 from workflows.demo import bundle_run
@@ -137,7 +138,7 @@ def run(argv: list[str], log: Path) -> dict:
     log.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     if JOBS > 1:
-        threads = str(max(1, (os.cpu_count() or 1) // JOBS))
+        threads = str(threads_per_job(JOBS))
         env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     start = time.perf_counter()
     with open(log, "a") as handle:

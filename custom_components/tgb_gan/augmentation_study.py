@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import csv
 import json
+import multiprocessing
 import os
+import sys
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from itertools import combinations
 from pathlib import Path
 
@@ -26,6 +30,7 @@ from brainage_core.datalist import read_datalist, write_datalist
 from brainage_core.options import as_bool
 from brainage_core.volumes import atomic_path
 from custom_components.common.handlers import write_csv
+from custom_components.common.hardware import threads_per_job
 from custom_components.common.plots import plot_condition_bars
 
 REAL = "real"
@@ -56,6 +61,62 @@ def reconstruction_records(gan_root: str | os.PathLike, records: Sequence[dict])
     return [{**r, "image": str(folder / (Path(r["image"]).name.split(".nii")[0] + "_recon.nii.gz"))} for r in records]
 
 
+Step = tuple[str, Path, Sequence[Path], Mapping]  # name, the output that marks it done, config files, overrides
+
+
+def run_steps(steps: Sequence[Step]) -> dict[str, float]:
+    """Run bundle steps in order, each an in-process ``monai.bundle.run`` skipped when its output exists;
+    return the seconds of those run. For training runs the output is the final checkpoint, written only
+    when training ends: a killed run is rerun and resumes from its per-epoch checkpoint (the bundles'
+    ``resume``)."""
+    seconds = {}
+    for name, done, config_files, overrides in steps:
+        if done.exists():
+            print(f"[study] {name}: done before ({done})", flush=True)
+            continue
+        print(f"[study] {name} ...", flush=True)
+        start = time.perf_counter()
+        run_bundle(config_file=[str(c) for c in config_files], **overrides)
+        seconds[name] = time.perf_counter() - start
+        if not done.exists():
+            raise RuntimeError(f"study step {name} finished without writing {done}")
+    return seconds
+
+
+def run_steps_in_worker(steps: Sequence[Step], threads: int, log: Path) -> dict[str, float]:
+    """:func:`run_steps` in a worker process of a study that runs jobs side by side: ``threads`` torch threads
+    (and for any process a step starts), every output of the steps appended to ``log``."""
+    import torch
+
+    os.environ.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    torch.set_num_threads(threads)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as handle, _output_to(handle):
+        try:
+            return run_steps(steps)
+        except Exception as error:
+            raise RuntimeError(f"{steps[0][0]} ... failed ({type(error).__name__}: {error}); its output: {log}") from None
+
+
+@contextmanager
+def _output_to(handle):
+    """Send this process's stdout and stderr, at the file-descriptor level (logging, tqdm, C code), to ``handle``."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    os.dup2(handle.fileno(), 1)
+    os.dup2(handle.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
+
+
 class AugmentationStudy:
     """Real vs real + TGB-GAN synthetic vs real + GAN-without-branch synthetic, over seeds and models.
 
@@ -80,6 +141,9 @@ class AugmentationStudy:
             weights start the task branch and whose second seed's judge every GAN (``gan_checks``).
         pretrain_branch: start the task branch from the real-only ``check_model`` of the first seed (else
             from scratch, as in the paper).
+        jobs: trainings run side by side, each in a worker process with ``cores / jobs`` torch threads and
+            its output in ``logs/``: on a 2-core CPU ``jobs=2`` trains about twice as many small models per
+            hour as one training with both cores. 1: one after another in this process.
 
     Overrides are nested dicts, ``{"train": {"trainer": {"max_epochs": 5}}}``, applied leaf by leaf
     (``train#trainer#max_epochs``) so the rest of each section stays.
@@ -90,7 +154,7 @@ class AugmentationStudy:
                  generator_overrides: Mapping, synthesis_overrides: Mapping, downstream_models: Mapping[str, Mapping],
                  downstream_overrides: Mapping, seeds: Sequence[int] = (0, 1, 2), gan_seed: int = 0,
                  n_train_real: int | None = None, qc_pairs: int = 20, check_model: str = "regressor3d",
-                 pretrain_branch: bool = True, models: Sequence[str] | None = None) -> None:
+                 pretrain_branch: bool = True, models: Sequence[str] | None = None, jobs: int = 1) -> None:
         if len(seeds) < 2:
             raise ValueError(f"a comparison over seeds needs at least 2 seeds, got {list(seeds)}")
         if models is not None:
@@ -120,6 +184,9 @@ class AugmentationStudy:
             raise ValueError(f"check_model {check_model!r} is not one of the downstream models {list(self.downstream_models)}")
         self.check_model = check_model
         self.pretrain_branch = as_bool(pretrain_branch, "pretrain_branch")
+        if int(jobs) < 1:
+            raise ValueError(f"jobs must be at least 1, got {jobs}")
+        self.jobs = int(jobs)
         self.timings: dict[str, float] = {}
 
     def _real_datalist(self, datalist_file: Path, n_train_real: int | None, seed: int) -> Path:
@@ -131,37 +198,51 @@ class AugmentationStudy:
         return path
 
     # -- runs ---------------------------------------------------------------------------------------
-    def _run(self, step: str, done: Path, config_files: Sequence[Path], **overrides) -> None:
-        """One bundle run, skipped when its output ``done`` exists. For training runs ``done`` is the final
-        checkpoint, written only when training ends: a killed run is rerun and resumes from its per-epoch
-        checkpoint (the bundles' ``resume``)."""
-        if done.exists():
-            print(f"[study] {step}: done before ({done})")
-            return
-        print(f"[study] {step} ...", flush=True)
-        start = time.perf_counter()
-        run_bundle(config_file=[str(c) for c in config_files], **overrides)
-        self.timings[step] = time.perf_counter() - start
-        if not done.exists():
-            raise RuntimeError(f"study step {step} finished without writing {done}")
+    def _run(self, *step) -> None:
+        """One bundle run in this process (a :data:`Step`), skipped when its output exists."""
+        self.timings.update(run_steps([step]))
 
-    def gan_datalist(self, variant: str) -> Path:
-        """Train one GAN variant, synthesise with it (region maps included), and return its merged real +
-        synthetic datalist. A variant with an age term starts its branch from ``branch_init`` when given, else
-        its branch learns age in the warm-up (the study's regressors are trained once, not in every GAN)."""
+    def _run_jobs(self, jobs: Mapping[str, Sequence[Step]]) -> None:
+        """Run every job (name -> its steps, run in order). With ``jobs`` > 1 the jobs run side by side in
+        that many worker processes, each with its share of the cores as torch threads and its output in
+        ``logs/NAME.log``; else one after another in this process."""
+        todo = {}
+        for name, steps in jobs.items():
+            if all(done.exists() for _, done, _, _ in steps):
+                run_steps(steps)  # reports each step as done before
+            else:
+                todo[name] = steps
+        if self.jobs == 1 or len(todo) < 2:
+            for steps in todo.values():
+                self.timings.update(run_steps(steps))
+            return
+        threads = threads_per_job(self.jobs)
+        with ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(run_steps_in_worker, steps, threads, self.output_dir / "logs" / f"{name}.log"): name
+                       for name, steps in todo.items()}
+            for future in as_completed(futures):
+                self.timings.update(future.result())
+                print(f"[study] {futures[future]}: finished", flush=True)
+
+    def gan_steps(self, variant: str) -> list[Step]:
+        """Train one GAN variant, then synthesise with it (region maps included) into
+        :meth:`gan_datalist`. A variant with an age term starts its branch from ``branch_init`` when given,
+        else its branch learns age in the warm-up (the study's regressors are trained once, not in every GAN)."""
         root = self.gan_root(variant)
         common = {"bundle_root": str(root), "dataset_dir": self.dataset_dir, "datalist_file": self.datalist_file,
                   "seed": self.gan_seed}
         weight = self.gan_variants[variant]
         branch = ({"branch_init_weights": str(self.branch_init)} if weight > 0 and self.branch_init
                   else {"real_trained_branch": False})
-        self._run(f"train GAN {variant}", root / "models" / "checkpoint_last.pt", [self.gan_configs / "train.json"],
-                  **common, **{"loss#age_weight": weight}, **branch, **self.gan_overrides)
-        merged = root / "eval" / "synthetic" / "datalist.json"
-        self._run(f"synthesise {variant}", merged,
-                  [self.gan_configs / "inference.json", self.gan_configs / "generate.json"],
-                  **common, **self._final_generator(variant), **self.synthesis_overrides)
-        return merged
+        return [(f"train GAN {variant}", root / "models" / "checkpoint_last.pt", [self.gan_configs / "train.json"],
+                 {**common, "loss#age_weight": weight, **branch, **self.gan_overrides}),
+                (f"synthesise {variant}", self.gan_datalist(variant),
+                 [self.gan_configs / "inference.json", self.gan_configs / "generate.json"],
+                 {**common, **self._final_generator(variant), **self.synthesis_overrides})]
+
+    def gan_datalist(self, variant: str) -> Path:
+        """The variant's merged real + synthetic datalist."""
+        return self.gan_root(variant) / "eval" / "synthetic" / "datalist.json"
 
     def _final_generator(self, variant: str) -> dict:
         """Overrides that load the generator at the end of GAN training: ``model.pt`` holds the epoch with
@@ -183,16 +264,18 @@ class AugmentationStudy:
     def downstream_root(self, model: str, condition: str, seed: int) -> Path:
         return self.output_dir / "downstream" / model / condition / f"seed{seed}"
 
-    def downstream(self, model: str, condition: str, datalist: Path, seed: int) -> Path:
-        """Train and test one downstream model; return its folder (``eval/test_predictions.csv``)."""
+    def downstream_steps(self, model: str, condition: str, datalist: Path, seed: int) -> list[Step]:
+        """Train and test one downstream model (``eval/test_predictions.csv`` in its folder)."""
         root = self.downstream_root(model, condition, seed)
         common = {"bundle_root": str(root), "dataset_dir": self.dataset_dir, "datalist_file": str(datalist),
                   "seed": seed, **self.downstream_models[model]}
-        self._run(f"train {model} on {condition} (seed {seed})", root / "models" / "checkpoint_last.pt",
-                  self._downstream_configs(model), **common)
-        self._run(f"test {model} on {condition} (seed {seed})", root / "eval" / "test_predictions.csv",
-                  self._downstream_configs(model, "evaluate.json"), **common)
-        return root
+        return [(f"train {model} on {condition} (seed {seed})", root / "models" / "checkpoint_last.pt",
+                 self._downstream_configs(model), common),
+                (f"test {model} on {condition} (seed {seed})", root / "eval" / "test_predictions.csv",
+                 self._downstream_configs(model, "evaluate.json"), common)]
+
+    def test_errors(self, model: str, condition: str, seed: int) -> dict[str, float]:
+        return _test_errors(self.downstream_root(model, condition, seed) / "eval" / "test_predictions.csv")
 
     def _downstream_configs(self, model: str, *extra: str) -> list[Path]:
         return [self.downstream_configs / "train.json", *self.downstream_files[model],
@@ -204,9 +287,9 @@ class AugmentationStudy:
         datalist = write_datalist(self.output_dir / "qc" / f"{name}.json", {"training": real, name: records})
         out = self.output_dir / "qc" / f"{model}_{name}"
         self._run(f"QC {model} on {name}", out / f"{name}_predictions.csv",
-                  self._downstream_configs(model, "evaluate.json"), **self.downstream_models[model],
-                  bundle_root=str(judge), output_dir=str(out), dataset_dir=self.dataset_dir,
-                  datalist_file=str(datalist), eval_split=name)
+                  self._downstream_configs(model, "evaluate.json"),
+                  {**self.downstream_models[model], "bundle_root": str(judge), "output_dir": str(out),
+                   "dataset_dir": self.dataset_dir, "datalist_file": str(datalist), "eval_split": name})
         return out / f"{name}_predictions.csv"
 
     def reconstructed_test_set(self, variant: str) -> list[dict]:
@@ -214,8 +297,8 @@ class AugmentationStudy:
         root = self.gan_root(variant)
         records = reconstruction_records(root, read_datalist(self.datalist_file)["test"])
         self._run(f"reconstruct test set with {variant}", Path(records[-1]["image"]), [self.gan_configs / "inference.json"],
-                  bundle_root=str(root), dataset_dir=self.dataset_dir, datalist_file=self.datalist_file,
-                  **self._final_generator(variant))
+                  {"bundle_root": str(root), "dataset_dir": self.dataset_dir, "datalist_file": self.datalist_file,
+                   **self._final_generator(variant)})
         return records
 
     def gan_checks(self, variant: str, datalist: Path, judge_errors: dict[str, float]) -> dict:
@@ -249,22 +332,21 @@ class AugmentationStudy:
         """Run (or resume) every step and write the report; return the markdown report's path.
 
         Real-only models come first: the first seed's 3D regressor is the task branch's starting point and
-        the second seed's judges every GAN."""
-        errors = {}  # (model, condition, seed) -> {subject: absolute error}
+        the second seed's judges every GAN. The GANs' checks run before the augmented trainings, the
+        longest part."""
+        conditions = {REAL: Path(self.datalist_file), **{v: self.gan_datalist(v) for v in self.gan_variants}}
 
-        def train_and_test(condition: str, datalist: Path) -> None:
-            for model in self.downstream_models:
-                for seed in self.seeds:
-                    folder = self.downstream(model, condition, datalist, seed)
-                    errors[model, condition, seed] = _test_errors(folder / "eval" / "test_predictions.csv")
+        def trainings(condition_names: Sequence[str]) -> dict[str, list[Step]]:
+            return {f"{model}_{c}_seed{seed}": self.downstream_steps(model, c, conditions[c], seed)
+                    for c in condition_names for model in self.downstream_models for seed in self.seeds}
 
-        conditions = {REAL: Path(self.datalist_file)}
-        train_and_test(REAL, conditions[REAL])
-        for variant in self.gan_variants:
-            conditions[variant] = self.gan_datalist(variant)
-            train_and_test(variant, conditions[variant])
-        judge_errors = errors[self.check_model, REAL, self.seeds[1]]
+        self._run_jobs(trainings([REAL]))
+        self._run_jobs({f"gan_{variant}": self.gan_steps(variant) for variant in self.gan_variants})
+        judge_errors = self.test_errors(self.check_model, REAL, self.seeds[1])
         checks = [self.gan_checks(v, conditions[v], judge_errors) for v in self.gan_variants]
+        self._run_jobs(trainings(list(self.gan_variants)))
+        errors = {(m, c, s): self.test_errors(m, c, s) for m in self.downstream_models for c in conditions
+                  for s in self.seeds}  # (model, condition, seed) -> {subject: absolute error}
         n_train = {c: len(read_datalist(d)["training"]) for c, d in conditions.items()}
         return self.write_report(n_train, errors, checks)
 

@@ -228,8 +228,11 @@ def test_augmentation_study_compares_three_training_sets_over_seeds_and_resumes(
             "synthesis_overrides#synthesis#target_per_bin": 3}
     overrides = {"bundle_root": str(tmp_path), "dataset_dir": str(cohort), "config_dir": str(CONFIGS),
                  "downstream_config_dir": str(REPO / "bundles" / "slice_cnn_brainage" / "configs"), **tiny}
-    run_workflow(["evaluate.json"], **overrides)
+    run_workflow(["evaluate.json"], **overrides, jobs=2)  # trainings two at a time, in worker processes
     out = tmp_path / "eval" / "augmentation_study"
+    # each job's output went to its own log: a training's progress and a GAN's synthesis
+    assert "Epoch" in (out / "logs" / "slice_cnn_real_seed1.log").read_text()
+    assert (out / "logs" / "gan_tgb_gan.log").stat().st_size > 0
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert [(r["model"], r["condition"]) for r in rows] == [
         (m, c) for m in ("regressor3d", "slice_cnn") for c in ("real", "tgb_gan", "gan_no_branch")]

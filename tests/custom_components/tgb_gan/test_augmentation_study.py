@@ -45,3 +45,5 @@ def test_study_trains_the_chosen_downstream_models_and_refuses_unknown_ones(data
     for bad in (["slice"], []):
         with pytest.raises(ValueError, match="models must name some of the downstream models"):
             study(datalist, tmp_path, models=bad)
+    with pytest.raises(ValueError, match="jobs must be at least 1, got 0"):
+        study(datalist, tmp_path, jobs=0)
