@@ -318,6 +318,14 @@ def lock_output_dir(folder: str | os.PathLike) -> Path:
     return folder
 
 
+def release_output_dirs() -> None:
+    """Drop every output-folder lock this process holds, once its runs have ended: for a process that runs one
+    bundle run after another and lives on (a worker of the augmentation study), so that another process
+    may then write into those folders."""
+    while _LOCKS:
+        os.close(_LOCKS.popitem()[1])  # closing the descriptor drops its flock
+
+
 def remove_partial_writes(folder: str | os.PathLike) -> list[Path]:
     """Delete the temporary files that ``volumes.atomic_path`` leaves when its process is killed
     (``.<name>.<random>.part<suffix>``) in ``folder``; return them."""

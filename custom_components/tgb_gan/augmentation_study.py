@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from itertools import combinations
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from monai.bundle import run as run_bundle
 from monai.metrics import MultiScaleSSIMMetric
 from scipy import stats
 
+from brainage_core.checks import release_output_dirs
 from brainage_core.datalist import read_datalist, write_datalist
 from brainage_core.options import as_bool
 from brainage_core.volumes import atomic_path
@@ -85,7 +86,8 @@ def run_steps(steps: Sequence[Step]) -> dict[str, float]:
 
 def run_steps_in_worker(steps: Sequence[Step], threads: int, log: Path) -> dict[str, float]:
     """:func:`run_steps` in a worker process of a study that runs jobs side by side: ``threads`` torch threads
-    (and for any process a step starts), every output of the steps appended to ``log``."""
+    (and for any process a step starts), every output of the steps appended to ``log``. The worker lives on
+    for the next job, so it then lets go of the output folders its runs locked."""
     import torch
 
     os.environ.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
@@ -96,6 +98,8 @@ def run_steps_in_worker(steps: Sequence[Step], threads: int, log: Path) -> dict[
             return run_steps(steps)
         except Exception as error:
             raise RuntimeError(f"{steps[0][0]} ... failed ({type(error).__name__}: {error}); its output: {log}") from None
+        finally:
+            release_output_dirs()
 
 
 @contextmanager
@@ -202,27 +206,26 @@ class AugmentationStudy:
         """One bundle run in this process (a :data:`Step`), skipped when its output exists."""
         self.timings.update(run_steps([step]))
 
-    def _run_jobs(self, jobs: Mapping[str, Sequence[Step]]) -> None:
-        """Run every job (name -> its steps, run in order). With ``jobs`` > 1 the jobs run side by side in
-        that many worker processes, each with its share of the cores as torch threads and its output in
-        ``logs/NAME.log``; else one after another in this process."""
+    def _run_jobs(self, jobs: Mapping[str, Sequence[Step]], workers: ProcessPoolExecutor | None) -> None:
+        """Run every job (name -> its steps, run in order): side by side in the ``workers`` (``jobs`` worker
+        processes, each with its share of the cores as torch threads and its output in ``logs/NAME.log``),
+        or one after another in this process, with every core, when there are none or one job is left."""
         todo = {}
         for name, steps in jobs.items():
             if all(done.exists() for _, done, _, _ in steps):
                 run_steps(steps)  # reports each step as done before
             else:
                 todo[name] = steps
-        if self.jobs == 1 or len(todo) < 2:
+        if workers is None or len(todo) < 2:
             for steps in todo.values():
                 self.timings.update(run_steps(steps))
             return
         threads = threads_per_job(self.jobs)
-        with ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(run_steps_in_worker, steps, threads, self.output_dir / "logs" / f"{name}.log"): name
-                       for name, steps in todo.items()}
-            for future in as_completed(futures):
-                self.timings.update(future.result())
-                print(f"[study] {futures[future]}: finished", flush=True)
+        futures = {workers.submit(run_steps_in_worker, steps, threads, self.output_dir / "logs" / f"{name}.log"): name
+                   for name, steps in todo.items()}
+        for future in as_completed(futures):
+            self.timings.update(future.result())
+            print(f"[study] {futures[future]}: finished", flush=True)
 
     def gan_steps(self, variant: str) -> list[Step]:
         """Train one GAN variant, then synthesise with it (region maps included) into
@@ -340,11 +343,14 @@ class AugmentationStudy:
             return {f"{model}_{c}_seed{seed}": self.downstream_steps(model, c, conditions[c], seed)
                     for c in condition_names for model in self.downstream_models for seed in self.seeds}
 
-        self._run_jobs(trainings([REAL]))
-        self._run_jobs({f"gan_{variant}": self.gan_steps(variant) for variant in self.gan_variants})
-        judge_errors = self.test_errors(self.check_model, REAL, self.seeds[1])
-        checks = [self.gan_checks(v, conditions[v], judge_errors) for v in self.gan_variants]
-        self._run_jobs(trainings(list(self.gan_variants)))
+        # one set of worker processes for the whole study: each starts (imports torch and MONAI) once
+        with (ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn")) if self.jobs > 1
+              else nullcontext()) as workers:
+            self._run_jobs(trainings([REAL]), workers)
+            self._run_jobs({f"gan_{variant}": self.gan_steps(variant) for variant in self.gan_variants}, workers)
+            judge_errors = self.test_errors(self.check_model, REAL, self.seeds[1])
+            checks = [self.gan_checks(v, conditions[v], judge_errors) for v in self.gan_variants]
+            self._run_jobs(trainings(list(self.gan_variants)), workers)
         errors = {(m, c, s): self.test_errors(m, c, s) for m in self.downstream_models for c in conditions
                   for s in self.seeds}  # (model, condition, seed) -> {subject: absolute error}
         n_train = {c: len(read_datalist(d)["training"]) for c, d in conditions.items()}

@@ -11,11 +11,13 @@ import torch
 from ignite.engine import Engine
 from reliability_helpers import BUNDLES, SLICE_TINY, bundle_command
 
-from brainage_core.checks import lock_output_dir
+from brainage_core.checks import lock_output_dir, release_output_dirs
 from brainage_core.volumes import InputError
 from custom_components.common.resume import TrainingResume
 from data_prep.__main__ import main
 
+TAKER = ("import sys; from brainage_core.checks import lock_output_dir; from brainage_core.volumes import InputError\n"
+         "try:\n    lock_output_dir(sys.argv[1]); print('taken')\nexcept InputError as err:\n    print(err)")
 HOLDER = "import sys, time; from brainage_core.checks import lock_output_dir; lock_output_dir(sys.argv[1]); print('locked', flush=True); time.sleep(600)"
 
 
@@ -40,6 +42,24 @@ def test_a_folder_in_use_is_refused_and_a_killed_holder_leaves_no_stale_lock(hel
     process.wait()
     assert lock_output_dir(folder) == folder.resolve()  # the lock died with its process
     assert lock_output_dir(folder) == folder.resolve()  # and this process may take it again
+
+
+def test_a_process_that_lives_on_releases_its_folders_when_its_runs_end(tmp_path):
+    """The augmentation study's workers run one bundle run after another; the folders they wrote are then free."""
+    folders = [tmp_path / "a", tmp_path / "b"]
+    for folder in folders:
+        folder.mkdir()
+        lock_output_dir(folder)
+
+    def other_process(folder):
+        return subprocess.run([sys.executable, "-c", TAKER, str(folder)], capture_output=True, text=True,
+                              timeout=60).stdout.strip()
+
+    assert all(other_process(f).startswith(f"{f.resolve()} is in use by another run") for f in folders)
+    release_output_dirs()
+    assert [other_process(f) for f in folders] == ["taken", "taken"]
+    assert lock_output_dir(folders[0]) == folders[0].resolve()  # and this process may take them again
+    release_output_dirs()
 
 
 def test_a_second_training_on_the_same_bundle_root_is_refused(held, cohort):
