@@ -146,8 +146,9 @@ class AugmentationStudy:
         pretrain_branch: start the task branch from the real-only ``check_model`` of the first seed (else
             from scratch, as in the paper).
         jobs: trainings run side by side, each in a worker process with ``cores / jobs`` torch threads and
-            its output in ``logs/``: on a 2-core CPU ``jobs=2`` trains about twice as many small models per
-            hour as one training with both cores. 1: one after another in this process.
+            its output in ``logs/``: on a 2-core CPU ``jobs=2`` trains 1.5-2 times as many small models per
+            hour as one training with both cores (3D regressors 8-9 min two at a time against 6-7 alone).
+            1: one after another in this process.
 
     Overrides are nested dicts, ``{"train": {"trainer": {"max_epochs": 5}}}``, applied leaf by leaf
     (``train#trainer#max_epochs``) so the rest of each section stays.
@@ -202,9 +203,9 @@ class AugmentationStudy:
         return path
 
     # -- runs ---------------------------------------------------------------------------------------
-    def _run(self, *step) -> None:
-        """One bundle run in this process (a :data:`Step`), skipped when its output exists."""
-        self.timings.update(run_steps([step]))
+    def _run(self, name: str, done: Path, config_files: Sequence[Path], overrides: Mapping) -> None:
+        """One bundle run in this process, skipped when its output ``done`` exists."""
+        self.timings.update(run_steps([(name, done, config_files, overrides)]))
 
     def _run_jobs(self, jobs: Mapping[str, Sequence[Step]], workers: ProcessPoolExecutor | None) -> None:
         """Run every job (name -> its steps, run in order): side by side in the ``workers`` (``jobs`` worker
