@@ -220,7 +220,7 @@ def test_two_process_gloo_ddp_trains_one_epoch(cohort, tmp_path):
 
 def test_augmentation_study_compares_three_training_sets_over_seeds_and_resumes(cohort, tmp_path, capsys):
     """evaluate.json end to end at toy size: both GAN variants, both downstream models, two seeds."""
-    tiny = {"image_size": [SIZE] * 3, "gan_epochs": 1, "downstream_epochs": 1, "seeds": [0, 1], "n_train_real": 10,
+    tiny = {"image_size": [SIZE] * 3, "gan_epochs": 1, "downstream_iterations": 2, "seeds": [0, 1], "n_train_real": 10,
             "gan_encoder_channels": [4, 8], "gan_decoder_channels": [8, 4],
             "gan_overrides#regressor_def": {"channels": [2, 4]},
             "downstream_models#regressor3d#overrides": {"network_def": {"channels": [2, 4]}},

@@ -32,13 +32,13 @@ def study(datalist, tmp_path, **kwargs) -> AugmentationStudy:
                              gan_config_dir=str(tmp_path), downstream_config_dir=str(tmp_path),
                              gan_variants={"tgb_gan": 1.0}, gan_overrides={}, generator_overrides={},
                              synthesis_overrides={}, downstream_models=models,
-                             downstream_overrides={"train": {"trainer": {"max_epochs": 3}}}, **kwargs)
+                             downstream_overrides={"optimizer": {"lr": 0.01}}, **{"downstream_iterations": 20, **kwargs})
 
 
 def test_study_trains_the_chosen_downstream_models_and_refuses_unknown_ones(datalist, tmp_path):
     assert list(study(datalist, tmp_path).downstream_models) == ["regressor3d", "slice_cnn"]
     chosen = study(datalist, tmp_path, models=["slice_cnn"], check_model="slice_cnn")
-    assert chosen.downstream_models == {"slice_cnn": {"network_def#dropout": 0.1, "train#trainer#max_epochs": 3}}
+    assert chosen.downstream_models == {"slice_cnn": {"network_def#dropout": 0.1, "optimizer#lr": 0.01}}
     assert list(chosen.downstream_files) == ["slice_cnn"]
     with pytest.raises(ValueError, match="check_model 'regressor3d'"):
         study(datalist, tmp_path, models=["slice_cnn"])
@@ -47,3 +47,17 @@ def test_study_trains_the_chosen_downstream_models_and_refuses_unknown_ones(data
             study(datalist, tmp_path, models=bad)
     with pytest.raises(ValueError, match="jobs must be at least 1, got 0"):
         study(datalist, tmp_path, jobs=0)
+
+
+def test_every_downstream_training_makes_the_same_number_of_optimizer_steps(datalist, tmp_path):
+    """Real-only and real + synthetic runs get the same updates: epochs follow the training-set size."""
+    augmented = read_datalist(datalist)
+    augmented["training"] += [{"image": f"syn{i}.nii.gz", "age": 30.0, "synthetic": True} for i in range(20)]
+    augmented = write_datalist(tmp_path / "augmented.json", augmented)
+    chosen = study(datalist, tmp_path, downstream_batch_size=8)
+    for path, epochs in ((datalist, 5), (augmented, 3)):  # 30 subjects: 4 steps an epoch; 50: 7
+        train, test = chosen.downstream_steps("slice_cnn", "real", path, seed=0)
+        assert train[3]["train#trainer#max_epochs"] == epochs and train[3]["batch_size"] == 8
+        assert train[3]["optimizer#lr"] == 0.01 and test[3] == train[3]
+    with pytest.raises(ValueError, match="downstream_iterations and downstream_batch_size must be at least 1, got 0"):
+        study(datalist, tmp_path, downstream_iterations=0)
