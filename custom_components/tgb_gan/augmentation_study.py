@@ -63,6 +63,12 @@ def reconstruction_records(gan_root: str | os.PathLike, records: Sequence[dict])
     return [{**r, "image": str(folder / (Path(r["image"]).name.split(".nii")[0] + "_recon.nii.gz"))} for r in records]
 
 
+def epochs_for_steps(steps: int, n_train: int, batch_size: int) -> int:
+    """Epochs that make at least ``steps`` optimizer steps over ``n_train`` volumes in batches of ``batch_size``
+    (the last batch of an epoch may be short)."""
+    return math.ceil(steps / math.ceil(n_train / batch_size))
+
+
 Step = tuple[str, Path, Sequence[Path], Mapping]  # name, the output that marks it done, config files, overrides
 
 
@@ -293,8 +299,8 @@ class AugmentationStudy:
         number of steps, not of epochs: a run on real + synthetic volumes would otherwise take more steps than
         its real-only baseline, and a small real set would stop before it has learned (at 50 subjects, 40
         epochs are 280 steps and the validation MAE still falls when the learning rate reaches zero)."""
-        steps_per_epoch = math.ceil(len(read_datalist(datalist)["training"]) / self.downstream_batch_size)
-        return math.ceil(self.downstream_iterations / steps_per_epoch)
+        return epochs_for_steps(self.downstream_iterations, len(read_datalist(datalist)["training"]),
+                                self.downstream_batch_size)
 
     def test_errors(self, model: str, condition: str, seed: int) -> dict[str, float]:
         return _test_errors(self.downstream_root(model, condition, seed) / "eval" / "test_predictions.csv")

@@ -2,7 +2,7 @@
 import pytest
 
 from brainage_core.datalist import read_datalist, write_datalist
-from custom_components.tgb_gan.augmentation_study import AugmentationStudy, write_training_subset
+from custom_components.tgb_gan.augmentation_study import AugmentationStudy, epochs_for_steps, write_training_subset
 
 
 @pytest.fixture
@@ -59,5 +59,6 @@ def test_every_downstream_training_makes_the_same_number_of_optimizer_steps(data
         train, test = chosen.downstream_steps("slice_cnn", "real", path, seed=0)
         assert train[3]["train#trainer#max_epochs"] == epochs and train[3]["batch_size"] == 8
         assert train[3]["optimizer#lr"] == 0.01 and test[3] == train[3]
+    assert epochs_for_steps(800, 50, 8) == 115 and epochs_for_steps(520, 100, 8) == 40  # the GANs', the default
     with pytest.raises(ValueError, match="downstream_iterations and downstream_batch_size must be at least 1, got 0"):
         study(datalist, tmp_path, downstream_iterations=0)
